@@ -1,0 +1,44 @@
+# pykvsmooth: `make install` builds and installs everything into the active Python
+# environment; `make test` runs the tests.  GPU=cuda or GPU=metal selects a GPU backend.
+
+PYTHON ?= python3
+PIP    := $(PYTHON) -m pip
+GPU    ?=
+
+ifeq ($(GPU),cuda)
+  BACKEND_SETTINGS := --config-settings=cmake.define.GGML_CUDA=ON
+else ifeq ($(GPU),metal)
+  BACKEND_SETTINGS := --config-settings=cmake.define.GGML_METAL=ON
+else ifeq ($(GPU),)
+  BACKEND_SETTINGS :=
+else
+  $(error GPU must be empty, cuda or metal, not '$(GPU)')
+endif
+
+.PHONY: install test cuda-check check-patches bench clean
+
+install:
+	$(PIP) install "scikit-build-core>=0.10" "cmake>=3.21" ninja
+	@# llama-cpp-python is the Python binding layer only: its own native build is off,
+	@# it loads the patched libraries that pykvsmooth installs.
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --no-build-isolation \
+	    "$$($(PYTHON) scripts/prepare_llama_cpp.py --print-archive)"
+	$(PIP) install --no-build-isolation $(BACKEND_SETTINGS) .
+
+test:
+	$(PIP) install "pytest>=7" "gguf>=0.10" "pillow>=9"
+	$(PYTHON) -m pytest tests
+
+# Compile (only) every CUDA source the series adds or changes, for sm_75/86/89.
+cuda-check:
+	$(PYTHON) scripts/prepare_llama_cpp.py --out build/cuda-check/llama.cpp >/dev/null
+	scripts/cuda_check.sh build/cuda-check/llama.cpp
+
+check-patches:
+	$(PYTHON) scripts/prepare_llama_cpp.py --check
+
+bench:
+	$(PYTHON) scripts/bench.py
+
+clean:
+	rm -rf build dist *.egg-info
