@@ -227,11 +227,12 @@ def scores_to_probs(
 
 
 def fifo_rank_push(fifo: list[float], z: float, queue: int) -> tuple[int, list[float]]:
-    """k = #{values in the FIFO strictly smaller than z} (before the push); then push z."""
-    k = sum(1 for v in fifo if v < z)
+    """Push z (a full queue drops its oldest value first), then k = #{the other values in
+    the queue strictly smaller than z} (SPEC §1 step 3; paper eq. 13: k/M ≤ (M−1)/M)."""
     new = list(fifo) + [z]
     if len(new) > queue:
         new = new[len(new) - queue :]
+    k = sum(1 for v in new[:-1] if v < z)
     return k, new
 
 

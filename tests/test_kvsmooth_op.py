@@ -107,10 +107,11 @@ def test_oracle_fifo_rank_and_lambda() -> None:
     # full queue: the oldest leaves; z itself does not count; equal values are not smaller
     k, q = orc.fifo_rank_push([2.0, 1.0, 2.0, 3.0], 2.0, 4)
     assert (k, q) == (1, [1.0, 2.0, 3.0, 2.0])
+    # the dropped oldest value (1.0) is not counted: k ≤ M − 1
     k, q = orc.fifo_rank_push([1.0, 2.0, 3.0, 4.0], 5.0, 4)
-    assert (k, q) == (4, [2.0, 3.0, 4.0, 5.0])
-    assert orc.smoothing_lambda(4, 4, MODE_ADAPTIVE, 0.9, 0.2) == np.float32(1.0)  # 1 < 0.9 + 0.2
-    assert orc.smoothing_lambda(4, 4, MODE_ADAPTIVE, 0.5, 0.2) == np.float32(0.5) + np.float32(0.2)
+    assert (k, q) == (3, [2.0, 3.0, 4.0, 5.0])
+    assert orc.smoothing_lambda(3, 4, MODE_ADAPTIVE, 0.9, 0.2) == np.float32(0.75)  # inside [0.7, 1.1]
+    assert orc.smoothing_lambda(3, 4, MODE_ADAPTIVE, 0.5, 0.2) == np.float32(0.5) + np.float32(0.2)
     # empty queue: k = 0, clipped up to λref − w
     k, q = orc.fifo_rank_push([], 0.3, 15)
     assert (k, q) == (0, [0.3])
@@ -120,9 +121,9 @@ def test_oracle_fifo_rank_and_lambda() -> None:
     assert orc.smoothing_lambda(13, 15, MODE_ADAPTIVE, 0.9, 0.2) == np.float32(13) / np.float32(15)
     # fixed: λref whatever the rank
     assert orc.smoothing_lambda(0, 15, MODE_FIXED, 0.9, 0.2) == np.float32(0.9)
-    # M = 1: the queue holds only the previous z
+    # M = 1: the previous z leaves before z is ranked, so k is always 0
     k, q = orc.fifo_rank_push([7.0], 8.0, 1)
-    assert (k, q) == (1, [8.0])
+    assert (k, q) == (0, [8.0])
 
 
 def test_oracle_blend() -> None:
@@ -180,14 +181,15 @@ def test_oracle_reference_hand_case() -> None:
     )
     ln2 = math.log(2.0)
     # token 1: queue [0.5, 1, 2], z = ln 2 → k = 1, λ = 1/4 (M = 4); K[1] = 3/4·2 + 1/4·4
-    # token 2: queue [0.5, 1, 2, ln 2] (full), z = 1.5 ln 2 → k = 3, λ = 3/4; K[2] = 1/4·1 + 3/4·2.5
+    # token 2: queue [0.5, 1, 2, ln 2] is full: 0.5 leaves, z = 1.5 ln 2 ≈ 1.04 joins; of the
+    #   others [1, 2, ln 2], two are smaller → k = 2, λ = 2/4; K[2] = 1/2·1 + 1/2·2.5
     assert ref.result[:, 0] == pytest.approx([ln2, 1.5 * ln2])
-    assert list(ref.result[:, 1:].ravel()) == [0.25, 1, 1, 0.75, 3, 1]
+    assert list(ref.result[:, 1:].ravel()) == [0.25, 1, 1, 0.5, 2, 1]
     assert ref.state[0] == pytest.approx([4.0, 1.0, 2.0, ln2, 1.5 * ln2], rel=1e-6)
     k_out = orc.decode_rows(ref.k, 0, 32)
     v_out = orc.decode_rows(ref.v, 0, 32)
-    assert list(k_out[0, :, 0]) == [4.0, 2.5, 2.125]
-    assert list(v_out[0, :, 0]) == [-4.0, -2.5, -2.125]
+    assert list(k_out[0, :, 0]) == [4.0, 2.5, 1.75]
+    assert list(v_out[0, :, 0]) == [-4.0, -2.5, -1.75]
     # keys mode leaves V alone; fixed uses λref; no previous cell: queue only
     ref = orc.reference(
         replace(case, mode=MODE_KEYS), kq, None, None, orc.encode_rows(k, 0), orc.encode_rows(v, 0), ids, state
@@ -202,7 +204,7 @@ def test_oracle_reference_hand_case() -> None:
     ids_noprev[0, 3] = -1
     ref = orc.reference(case, kq, None, None, orc.encode_rows(k, 0), orc.encode_rows(v, 0), ids_noprev, state)
     assert list(ref.result[:, 3]) == [0.0, 1.0]
-    assert list(orc.decode_rows(ref.k, 0, 32)[0, :, 0]) == [4.0, 2.0, 0.25 + 0.75 * 2.0]
+    assert list(orc.decode_rows(ref.k, 0, 32)[0, :, 0]) == [4.0, 2.0, 0.5 * 1.0 + 0.5 * 2.0]
 
 
 def test_oracle_q_path_matches_probabilities() -> None:

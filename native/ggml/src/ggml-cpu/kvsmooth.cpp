@@ -348,8 +348,10 @@ void kvsmooth_update_queues(const ggml_tensor * dst, const float * H) {
             count = M;
         }
 
+        // SPEC §1.3: z is pushed first (a full queue drops its oldest value), then ranked
+        // among the other values, so rank <= M - 1 (paper eq. 13)
         int64_t rank = 0;
-        for (int64_t i = 0; i < count; ++i) {
+        for (int64_t i = count == M ? 1 : 0; i < count; ++i) {
             rank += col[1 + i] < z;
         }
 
