@@ -32,7 +32,7 @@ test:
 # Compile (only) every CUDA source the series adds or changes, for sm_75/86/89.
 cuda-check:
 	$(PYTHON) scripts/prepare_llama_cpp.py --out build/cuda-check/llama.cpp >/dev/null
-	scripts/cuda_check.sh build/cuda-check/llama.cpp
+	scripts/cuda_check.sh $(CUDA_CHECK_FLAGS) build/cuda-check/llama.cpp
 
 check-patches:
 	$(PYTHON) scripts/prepare_llama_cpp.py --check
