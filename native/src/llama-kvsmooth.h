@@ -1,0 +1,137 @@
+#pragma once
+
+// KVSmooth (arXiv 2602.04268) in llama.cpp: the per-context state, the graph input that tells the op
+// which tokens to smooth, and the trace. The op itself is GGML_OP_KVSMOOTH (ggml.h); the contract is
+// SPEC.md, the layouts are docs/design.md.
+
+#include "llama.h"
+#include "llama-graph.h"
+#include "llama-kv-cache.h"
+
+#include "ggml-cpp.h"
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+struct llama_context;
+
+// The KVSmooth state of one context.
+//
+// Per smoothed layer an f32 tensor [1 + M, n_slot] holds, per sequence (slot = seq_id), the number of
+// queued entropies and the queue, oldest first; it lives in a buffer of the buffer type of the layer's
+// K cache, so the op runs on the device that holds the cache and updates both in place.
+//
+// The queues follow the KV cache (SPEC §2, "S(l, s) starts empty for every new prompt of s"):
+//  - the cache reports seq_rm / clear / seq_keep / state loads (emptied) and seq_cp (copied) through
+//    llama_kv_cache::seq_observer;
+//  - a ubatch token without output is a prompt token, so its sequences start over;
+//  - llama_kvsmooth_reset() empties them explicitly.
+// These edits are recorded on the host and applied to the device tensors just before the next op runs
+// (apply_pending), with one synchronisation, and only when a queue that may hold values changes. A
+// plain generation step costs no synchronisation.
+struct llama_kvsmooth : public llama_kv_cache::seq_observer {
+    // validates params against the context (model, memory, cache types, devices) and allocates the
+    // state; on failure logs the reason, sets *err to a LLAMA_KVSMOOTH_ERR_* code and returns nullptr
+    static std::unique_ptr<llama_kvsmooth> create(
+            const llama_context & lctx,
+            const llama_kvsmooth_params & params,
+            int32_t * err);
+
+    ~llama_kvsmooth() override;
+
+    // start following the sequence edits of the KV cache (once the object is attached to the context)
+    void connect();
+
+    // llama_kv_cache::seq_observer
+    void on_seq_rm  (llama_seq_id seq_id) override;
+    void on_seq_cp  (llama_seq_id seq_id_src, llama_seq_id seq_id_dst) override;
+    void on_seq_keep(llama_seq_id seq_id) override;
+
+    // empty the queues of seq_id (-1: of every sequence) before its next smoothed token
+    void reset(llama_seq_id seq_id);
+
+    // the state tensor of layer il, nullptr if il is not smoothed
+    ggml_tensor * get_state(int32_t il) const;
+
+    // llama_context::decode: a new trace per decode, filled after each ubatch
+    void decode_begin();
+    void ubatch_done();
+
+    // bring the state tensors up to date with the recorded edits; called before a graph with op
+    // nodes runs. sched: to wait for the previous graph, which may still update the state
+    void apply_pending(ggml_backend_sched_t sched);
+
+    // the slot of seq_id received a smoothed token: its queues may now hold values
+    void mark_used(llama_seq_id seq_id);
+
+    const llama_kvsmooth_params params; // layer range resolved
+    const uint64_t              id;     // unique per configuration, part of the graph reuse key
+    const uint32_t              n_slot; // state columns: one per sequence (n_seq_max)
+
+    llama_kv_cache * const kv;
+
+    // the kvsmooth input of the graph that was set up last, for the trace
+    llm_graph_input_kvsmooth * cur_input = nullptr;
+
+    std::vector<llama_kvsmooth_trace_record> trace;
+
+private:
+    llama_kvsmooth(const llama_kvsmooth_params & params, llama_kv_cache * kv, uint32_t n_slot);
+
+    std::vector<ggml_tensor *> states; // [n_layer], nullptr outside the layer range
+
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+
+    // the recorded edits, composed: src_of[s] == s: unchanged, -1: emptied, t: a copy of slot t as it
+    // is on the device now. composing keeps the record bounded and the order of edits exact
+    std::vector<int32_t> src_of;
+    bool pending = false;
+
+    // used[s]: the device column of slot s may hold values (false: its count is known to be 0)
+    std::vector<uint8_t> used;
+
+    bool connected = false;
+};
+
+// Per ubatch: which tokens are smoothed, in which cells, and the previous cell of each.
+//
+// The generation-step tokens of SPEC §2 are the ubatch tokens with output requested. For each, in the
+// order (sequence, position), column j of ids is (index in its stream, stream, cell, previous cell or
+// -1, slot = seq_id). The previous cell holds the sequence's greatest position below the token's
+// (pos - 1 for ordinary positions; M-RoPE caches store the sequential position, dimension 0), read from
+// the cache's cell metadata on the host: set_input costs no device synchronisation. A token that
+// belongs to several sequences is smoothed for its first one.
+class llm_graph_input_kvsmooth : public llm_graph_input_i {
+public:
+    llm_graph_input_kvsmooth(
+            llama_kvsmooth * ks,
+            const llama_kv_cache_context * mctx,
+            ggml_backend_sched_t sched) : ks(ks), mctx(mctx), sched(sched) {}
+
+    ~llm_graph_input_kvsmooth() = default;
+
+    void set_input(const llama_ubatch * ubatch) override;
+
+    // ids depends only on n_outputs, which llm_graph_params::allow_reuse already compares, and the
+    // configuration is compared through llm_graph_params::kvsmooth_id
+    bool can_reuse(const llm_graph_params & params) override;
+
+    // copy the op results of the graph that just ran into ks->trace
+    void read_trace();
+
+    ggml_tensor * ids = nullptr; // I32 [5, n_outputs]; nullptr when the ubatch has no output
+
+    std::vector<std::pair<int32_t, ggml_tensor *>> results; // (layer, F32 [4, n_outputs])
+
+    llama_kvsmooth * ks;
+
+    const llama_kv_cache_context * mctx;
+
+    ggml_backend_sched_t sched;
+
+    // sequence and position of each column of ids, as of the last set_input
+    std::vector<llama_seq_id> col_seq;
+    std::vector<llama_pos>    col_pos;
+};
