@@ -27,7 +27,9 @@ install:
 
 test:
 	$(PIP) install "pytest>=7" "gguf>=0.10" "pillow>=9"
-	$(PYTHON) -m pytest tests
+	@# from tests/: `python -m pytest` puts the working folder on sys.path, and the source
+	@# tree's pykvsmooth/ (without the built libraries) must not shadow the installed one
+	cd tests && $(PYTHON) -m pytest
 
 # Compile (only) every CUDA source the series adds or changes, for sm_75/86/89.
 cuda-check:

@@ -19,6 +19,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "build_info": "._capi",
+    "KVSmoothConfig": ".config",
+    "Llama": ".llama",
+    "KVSmoothError": ".llama",
+    "TraceRecord": ".llama",
 }
 
 __all__ = ["LibraryConflictError", "lib_dir", "__version__", *_LAZY]

@@ -633,7 +633,10 @@ def test_oracle_storage_matches_ggml(ggml_type: int) -> None:
         op_runner.load_library()
     except op_runner.RunnerNotFound as e:
         pytest.fail(str(e), pytrace=False)
-    base = ctypes.CDLL("libggml-base.so.0")
+    # next to the runner: unversioned in the installed package, versioned in a llama.cpp build
+    runner_dir = op_runner.find_library().parent
+    base_path = next(p for p in sorted(runner_dir.glob("libggml-base.*")) + sorted(runner_dir.glob("bin/libggml-base.*")))
+    base = ctypes.CDLL(str(base_path))
     base.ggml_quantize_chunk.restype = ctypes.c_size_t
     base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip

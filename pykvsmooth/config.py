@@ -1,0 +1,96 @@
+"""KVSmooth settings for Python callers: validated on construction (SPEC §1 ranges)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional, Union
+
+from . import _capi
+
+MODES = {
+    "adaptive": _capi.LLAMA_KVSMOOTH_MODE_ADAPTIVE,
+    "fixed": _capi.LLAMA_KVSMOOTH_MODE_FIXED,
+    "keys": _capi.LLAMA_KVSMOOTH_MODE_KEYS,
+}
+MAX_QUEUE = 256
+
+
+@dataclass(frozen=True)
+class KVSmoothConfig:
+    """KVSmooth parameters; ``None`` layers mean SPEC §1's defaults for the loaded model
+    ([3, n_layer − 1))."""
+
+    lambda_ref: float = 0.9
+    window: float = 0.2
+    queue: int = 15
+    layer_start: Optional[int] = None
+    layer_end: Optional[int] = None
+    mode: str = "adaptive"
+    eps: float = 1e-10
+    trace: bool = False
+
+    def __post_init__(self) -> None:
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"KVSmoothConfig.{name} must be a number, got {value!r}")
+            return float(value)
+
+        if not 0.0 <= number("lambda_ref") <= 1.0:
+            raise ValueError(f"KVSmoothConfig.lambda_ref must be in [0, 1], got {self.lambda_ref!r}")
+        if not number("window") >= 0.0:
+            raise ValueError(f"KVSmoothConfig.window must be >= 0, got {self.window!r}")
+        if not 0.0 <= number("eps") < 1.0:
+            raise ValueError(f"KVSmoothConfig.eps must be in [0, 1), got {self.eps!r}")
+        if isinstance(self.queue, bool) or not isinstance(self.queue, int) or not 1 <= self.queue <= MAX_QUEUE:
+            raise ValueError(f"KVSmoothConfig.queue must be an integer in [1, {MAX_QUEUE}], got {self.queue!r}")
+        for name in ("layer_start", "layer_end"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"KVSmoothConfig.{name} must be None or an integer >= 0, got {value!r}")
+        if self.layer_start is not None and self.layer_end is not None and self.layer_end <= self.layer_start:
+            raise ValueError(
+                f"KVSmoothConfig layer range [{self.layer_start}, {self.layer_end}) is empty: "
+                "layer_end must be greater than layer_start"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"KVSmoothConfig.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    @classmethod
+    def coerce(cls, value: "KVSmoothValue") -> Optional["KVSmoothConfig"]:
+        """None, 0 or False: off; a number: λref with the other defaults; a mapping: fields."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, KVSmoothConfig):
+            return value
+        if value is True:
+            return cls()
+        if isinstance(value, (int, float)):
+            return None if value == 0 else cls(lambda_ref=float(value))
+        if isinstance(value, Mapping):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown KVSmooth field(s) {', '.join(sorted(unknown))}; "
+                                 f"allowed: {', '.join(cls.__dataclass_fields__)}")
+            return cls(**value)
+        raise TypeError(f"kvsmooth must be None, a number in [0, 1], a mapping or a KVSmoothConfig, "
+                        f"got {type(value).__name__}")
+
+    def to_c(self) -> _capi.llama_kvsmooth_params:
+        params = _capi.llama_kvsmooth_default_params()
+        params.lambda_ref = self.lambda_ref
+        params.window = self.window
+        params.queue = self.queue
+        params.layer_start = -1 if self.layer_start is None else self.layer_start
+        params.layer_end = -1 if self.layer_end is None else self.layer_end
+        params.eps = self.eps
+        params.mode = MODES[self.mode]
+        params.trace = self.trace
+        return params
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+KVSmoothValue = Union[None, bool, int, float, Mapping[str, Any], KVSmoothConfig]

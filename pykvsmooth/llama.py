@@ -1,0 +1,179 @@
+"""``pykvsmooth.Llama``: llama_cpp.Llama with KVSmooth.
+
+Which tokens are smoothed (SPEC §2): the C side smooths the tokens whose output is
+requested while KVSmooth is enabled.  llama-cpp-python requests output for the last token
+of every ``n_batch`` chunk (and for every token with ``logits_all``), so this class
+decides instead: the last token of each ``eval()`` call is the generation step, every
+other token is a prompt token and is evaluated with smoothing paused.  Two places need
+more than that:
+
+- prefix reuse: cells that hold smoothed K/V (an earlier answer, an earlier final prompt
+  token) are never reused as prompt cells; ``generate`` forgets them first, so a second
+  completion equals one on a fresh object;
+- chat handlers (``Llava15ChatHandler``) evaluate the prompt chunk by chunk with ``eval``
+  and mtmd and then sample at once; during ``create_chat_completion`` those evals are
+  unsmoothed and ``generate`` evaluates the final prompt token again, smoothed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence
+
+import llama_cpp
+import llama_cpp._logger as _llama_logger
+
+from . import _capi
+from .config import KVSmoothConfig, KVSmoothValue
+
+
+class KVSmoothError(RuntimeError):
+    """llama.cpp refused a KVSmooth configuration for this model or context."""
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    """One smoothed token in one layer, from the last decode (KVSmoothConfig.trace)."""
+
+    seq_id: int
+    pos: int
+    layer: int
+    z: float
+    lambda_: float
+    rank: int
+    applied: bool
+
+
+class _ErrorCapture:
+    """Collects llama.cpp's error log lines while active, still printing them as usual."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level == 3:  # GGML_LOG_LEVEL_ERROR
+                self.lines.append(text.decode("utf-8", "replace").strip())
+            _llama_logger.llama_log_callback(level, text, user_data)
+
+        self._callback = callback
+
+    def __enter__(self) -> "_ErrorCapture":
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        llama_cpp.llama_log_set(_llama_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+_ERROR_NAMES = {
+    _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM: "invalid parameter",
+    _capi.LLAMA_KVSMOOTH_ERR_UNSUPPORTED: "not supported for this model or context",
+    _capi.LLAMA_KVSMOOTH_ERR_ALLOC: "could not allocate its state",
+}
+
+
+class Llama(llama_cpp.Llama):
+    """``llama_cpp.Llama`` (0.3.36) plus ``kvsmooth``: None/0/False (off), a float λref,
+    a mapping of KVSmoothConfig fields, or a KVSmoothConfig."""
+
+    def __init__(self, *args: Any, kvsmooth: KVSmoothValue = None, **kwargs: Any) -> None:
+        config = KVSmoothConfig.coerce(kvsmooth)  # bad values fail before the model loads
+        self._kvsmooth: Optional[KVSmoothConfig] = None
+        # lowest position whose cell may hold smoothed K/V, None if no cell does
+        self._first_smoothed: Optional[int] = None
+        # n_tokens after the last eval(): tells a text position from an mtmd-evaluated one
+        self._eval_end = -1
+        self._chat_prompt = False
+        super().__init__(*args, **kwargs)
+        self.kvsmooth = config
+
+    # --- configuration ---------------------------------------------------------------
+
+    @property
+    def kvsmooth(self) -> Optional[KVSmoothConfig]:
+        return self._kvsmooth
+
+    @kvsmooth.setter
+    def kvsmooth(self, value: KVSmoothValue) -> None:
+        config = KVSmoothConfig.coerce(value)
+        if config is None:
+            _capi.llama_kvsmooth_disable(self._ctx.ctx)
+        else:
+            self._enable(config)
+        self._kvsmooth = config
+
+    def _enable(self, config: KVSmoothConfig) -> None:
+        params = config.to_c()
+        with _ErrorCapture() as log:
+            rc = _capi.llama_kvsmooth_set(self._ctx.ctx, ctypes.byref(params))
+        if rc != 0:
+            reason = log.lines[-1] if log.lines else _ERROR_NAMES.get(rc, f"error {rc}")
+            raise KVSmoothError(f"KVSmooth {_ERROR_NAMES.get(rc, f'error {rc}')}: {reason}")
+
+    def kvsmooth_trace(self) -> List[TraceRecord]:
+        """The records of the last decode (needs ``KVSmoothConfig(trace=True)``)."""
+        ctx = self._ctx.ctx
+        out = _capi.llama_kvsmooth_trace_record()
+        records = []
+        for i in range(_capi.llama_kvsmooth_trace_n(ctx)):
+            if _capi.llama_kvsmooth_trace_get(ctx, i, ctypes.byref(out)):
+                records.append(TraceRecord(out.seq_id, out.pos, out.layer, out.z, out.lambda_,
+                                           out.rank, out.applied))
+        return records
+
+    # --- evaluation ------------------------------------------------------------------
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        tokens = list(tokens)
+        if self._first_smoothed is not None and self._first_smoothed >= self.n_tokens:
+            self._first_smoothed = None  # those cells are being overwritten
+        if self._kvsmooth is None or not tokens:
+            super().eval(tokens)
+        else:
+            prompt = tokens if self._chat_prompt else tokens[:-1]
+            if prompt:
+                self._eval_paused(prompt)
+            if not self._chat_prompt:
+                # the generation step: the only token of this call with smoothing on
+                pos = self.n_tokens
+                super().eval(tokens[-1:])
+                self._first_smoothed = pos if self._first_smoothed is None else min(self._first_smoothed, pos)
+        self._eval_end = self.n_tokens
+
+    def _eval_paused(self, tokens: List[int]) -> None:
+        """Evaluate prompt tokens unsmoothed, whatever outputs llama-cpp-python requests.
+        Re-enabling empties the queues, as a new prompt does anyway (SPEC §2)."""
+        assert self._kvsmooth is not None
+        _capi.llama_kvsmooth_disable(self._ctx.ctx)
+        try:
+            super().eval(tokens)
+        finally:
+            self._enable(self._kvsmooth)
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+        if self._first_smoothed is not None and self._first_smoothed < self.n_tokens:
+            # cells from here on hold smoothed K/V: not prompt cells for any new prompt
+            self.n_tokens = self._first_smoothed
+            self._first_smoothed = None
+        if self._chat_prompt:
+            self._chat_prompt = False
+            if self._kvsmooth is not None and self.n_tokens > 0:
+                if self._eval_end == self.n_tokens:
+                    # evaluate the final prompt token again, as the generation step
+                    self._ctx.kv_cache_seq_rm(-1, self.n_tokens - 1, -1)
+                    self.n_tokens -= 1
+                else:
+                    warnings.warn("KVSmooth: the prompt ends with an image, its final position "
+                                  "is not smoothed", RuntimeWarning, stacklevel=2)
+        return super().generate(tokens, *args, **kwargs)
+
+    def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
+        self._chat_prompt = self._kvsmooth is not None
+        try:
+            return super().create_chat_completion(*args, **kwargs)
+        except BaseException:
+            self._chat_prompt = False
+            raise
