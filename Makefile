@@ -26,7 +26,7 @@ install:
 	$(PIP) install --no-build-isolation $(BACKEND_SETTINGS) .
 
 test:
-	$(PIP) install "pytest>=7" "gguf>=0.10" "pillow>=9"
+	$(PIP) install "pytest>=7" "gguf>=0.10" "pillow>=9" "matplotlib>=3.5"
 	@# from tests/: `python -m pytest` puts the working folder on sys.path, and the source
 	@# tree's pykvsmooth/ (without the built libraries) must not shadow the installed one
 	cd tests && $(PYTHON) -m pytest
