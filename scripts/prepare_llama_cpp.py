@@ -159,8 +159,8 @@ def extract_pristine(cache: Path, archive: Path, lock: dict[str, str]) -> Path:
     return pristine
 
 
-def patch_files() -> list[Path]:
-    return sorted(PATCH_DIR.glob("*.patch"))
+def patch_files(patch_dir: Path = PATCH_DIR) -> list[Path]:
+    return sorted(patch_dir.glob("*.patch"))
 
 
 def native_files() -> list[Path]:
@@ -169,12 +169,12 @@ def native_files() -> list[Path]:
     return sorted(p for p in NATIVE_DIR.rglob("*") if p.is_file() and p.name != "README.md")
 
 
-def apply_patches(tree: Path, strict: bool) -> None:
+def apply_patches(tree: Path, strict: bool, patch_dir: Path = PATCH_DIR) -> None:
     env = dict(os.environ)
     # Keep git from finding a repository above the tree: inside one, `git apply` takes
     # paths relative to that repository's root and silently skips the rest.
     env["GIT_CEILING_DIRECTORIES"] = str(tree.parent)
-    for patch in patch_files():
+    for patch in patch_files(patch_dir):
         result = subprocess.run(
             ["git", "apply", "--verbose", "--whitespace=nowarn", str(patch)],
             cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
