@@ -46,6 +46,10 @@ class TraceRecord:
     applied: bool
 
 
+# enum ggml_log_level of the pinned ggml (llama_cpp/_logger.py still numbers the older enum)
+_GGML_LOG_LEVEL_ERROR = 4
+
+
 class _ErrorCapture:
     """Collects llama.cpp's error log lines while active, still printing them as usual."""
 
@@ -54,7 +58,7 @@ class _ErrorCapture:
 
         @llama_cpp.llama_log_callback
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if level == 3:  # GGML_LOG_LEVEL_ERROR
+            if level == _GGML_LOG_LEVEL_ERROR:
                 self.lines.append(text.decode("utf-8", "replace").strip())
             _llama_logger.llama_log_callback(level, text, user_data)
 
@@ -84,7 +88,8 @@ class Llama(llama_cpp.Llama):
         self._kvsmooth: Optional[KVSmoothConfig] = None
         # lowest position whose cell may hold smoothed K/V, None if no cell does
         self._first_smoothed: Optional[int] = None
-        # n_tokens after the last eval(): tells a text position from an mtmd-evaluated one
+        # n_tokens after the last eval(), -1 if none since create_chat_completion started:
+        # tells whether the chat handler evaluated the prompt, and whether it ended in text
         self._eval_end = -1
         self._chat_prompt = False
         super().__init__(*args, **kwargs)
@@ -160,7 +165,9 @@ class Llama(llama_cpp.Llama):
             self._first_smoothed = None
         if self._chat_prompt:
             self._chat_prompt = False
-            if self._kvsmooth is not None and self.n_tokens > 0:
+            # handlers that only format text (chat_format) evaluate nothing themselves: the
+            # prompt then goes through eval() below like any completion's
+            if self._kvsmooth is not None and self.n_tokens > 0 and self._eval_end >= 0:
                 if self._eval_end == self.n_tokens:
                     # evaluate the final prompt token again, as the generation step
                     self._ctx.kv_cache_seq_rm(-1, self.n_tokens - 1, -1)
@@ -172,8 +179,26 @@ class Llama(llama_cpp.Llama):
 
     def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
         self._chat_prompt = self._kvsmooth is not None
+        self._eval_end = -1
         try:
             return super().create_chat_completion(*args, **kwargs)
         except BaseException:
             self._chat_prompt = False
             raise
+
+    def close(self) -> None:
+        if hasattr(self, "_stack"):  # not when __init__ failed before llama_cpp.Llama's ran
+            super().close()
+
+    # --- saved states (llama_cpp.LlamaCache, save_state/load_state) ------------------
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        state = super().save_state()
+        state.kvsmooth_first_smoothed = self._first_smoothed  # type: ignore[attr-defined]
+        return state
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        super().load_state(state)
+        # the restored cells hold smoothed K/V from this position on (a state saved by
+        # plain llama_cpp.Llama holds none)
+        self._first_smoothed = getattr(state, "kvsmooth_first_smoothed", None)
