@@ -158,7 +158,7 @@ def write_model(shape: Shape, path: Path, seed: int = 0) -> None:
     import gguf
 
     sys.path.insert(0, str(SCRIPT_DIR))
-    from make_tiny_llava import CHAT_TEMPLATE, build_vocab
+    from make_tiny_llava import add_tokenizer, build_vocab
 
     tokens, scores, types = build_vocab()
     for i in range(len(tokens), shape.n_vocab):  # filler pieces up to the real vocabulary size
@@ -181,16 +181,7 @@ def write_model(shape: Shape, path: Path, seed: int = 0) -> None:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(shape.n_vocab)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    add_tokenizer(w, tokens, scores, types)
 
     specs = shape.tensors()
     for name, ne, t in specs:

@@ -126,6 +126,21 @@ def _file_type(weights: str) -> int:
     return int(gguf.LlamaFileType.ALL_F32 if weights == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
 
+def add_tokenizer(w: gguf.GGUFWriter, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """SentencePiece-style ("llama") tokenizer metadata with <unk>=0, <s>=1, </s>=2 and the
+    LLaVA-1.5 chat template."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
 def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **dims: int | float) -> TextConfig:
     """Write the LLaMA text model; `dims` overrides TextConfig fields (n_embd, n_layer, ...)."""
     tokens, scores, types = build_vocab()
@@ -152,16 +167,7 @@ def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **di
     w.add_vocab_size(cfg.n_vocab)
     w.add_file_type(_file_type(weights))
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    add_tokenizer(w, tokens, scores, types)
 
     # Arrays are (out, in) in NumPy order = ggml ne [in, out], which is what llama.cpp
     # loads (e.g. attn_q ne [n_embd, n_head*head_dim]). Norm weights stay f32.

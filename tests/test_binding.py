@@ -9,10 +9,7 @@ a token smoothed that should not be (or the reverse) shows at once. Generation i
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List
 
@@ -24,6 +21,7 @@ from pykvsmooth import KVSmoothConfig, KVSmoothError, Llama
 import llama_cpp
 from llama_cpp.llama_chat_format import Llava15ChatHandler
 
+from conftest import TinyLlava
 from reference_llama import ReferenceLlama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,25 +33,12 @@ TEETH = 0.1  # smoothing must move the reference's logits by more than this
 PROMPT = "USER: describe the image in detail\nASSISTANT:"
 
 
-@dataclass(frozen=True)
-class Fixture:
-    text: Path
-    mmproj: Path
-    png: Path
+Fixture = TinyLlava
 
 
 @pytest.fixture(scope="module")
-def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
-    d = tmp_path_factory.mktemp("binding")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_llava.py"), str(d)],
-                   check=True, capture_output=True, timeout=120)
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import make_tiny_llava
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    make_tiny_llava.write_test_image(d / "picture.png", size=(64, 48), seed=0)
-    return Fixture(d / make_tiny_llava.TEXT_FILE, d / make_tiny_llava.MMPROJ_FILE, d / "picture.png")
+def fx(tiny_llava: TinyLlava) -> Fixture:
+    return tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import make_tiny_llava
 import pytest
+from conftest import TinyLlava
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
@@ -25,19 +27,11 @@ CORRUPT = "sub/broken.png"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
-    d = tmp_path_factory.mktemp("caption-models")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_llava.py"), str(d)],
-                   check=True, capture_output=True, timeout=120)
-    return {"model": d / "tiny-llava-text.gguf", "mmproj": d / "tiny-llava-mmproj.gguf"}
+def models(tiny_llava: TinyLlava) -> Dict[str, Path]:
+    return {"model": tiny_llava.text, "mmproj": tiny_llava.mmproj}
 
 
 def write_image(path: Path, seed: int) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import make_tiny_llava
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
     path.parent.mkdir(parents=True, exist_ok=True)
     make_tiny_llava.write_test_image(path, size=(64, 48), seed=seed)
 

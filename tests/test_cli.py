@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import TinyLlava
 
 REPO = Path(__file__).resolve().parent.parent
 CLIS = ("llama-mtmd-cli", "llama-llava-cli")
@@ -56,12 +57,10 @@ def cli_path(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+def fx(tmp_path_factory: pytest.TempPathFactory, tiny_llava: TinyLlava) -> Fixture:
     from PIL import Image
 
     d = tmp_path_factory.mktemp("cli")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_llava.py"), str(d)],
-                   check=True, capture_output=True, timeout=TIMEOUT_S)
 
     # a deterministic picture: a colour gradient with a dark square
     img = Image.new("RGB", (96, 80))
@@ -76,7 +75,7 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
     # a GGUF header followed by garbage
     (d / "corrupt.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 4096)
 
-    return Fixture(text=d / "tiny-llava-text.gguf", mmproj=d / "tiny-llava-mmproj.gguf",
+    return Fixture(text=tiny_llava.text, mmproj=tiny_llava.mmproj,
                    png=d / "picture.png", jpeg=d / "picture.jpg", pdf=d / "picture.pdf",
                    corrupt_png=d / "corrupt.png", corrupt_gguf=d / "corrupt.gguf", dir=d)
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import TinyLlava
 
 from pykvsmooth.eval.__main__ import main
 from pykvsmooth.eval.coco import EvalError, sample_image_ids
@@ -210,17 +209,12 @@ def test_cli_errors_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture) 
 # ---------------------------------------------------------------- end to end
 
 
-def test_generate_end_to_end_on_the_tiny_model(tmp_path: Path) -> None:
+def test_generate_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_llava: TinyLlava) -> None:
     """Three images, baseline and KVSmooth, through pykvsmooth.Llama and the LLaVA handler."""
     import pykvsmooth  # noqa: F401  (the installed package with its native libraries)
 
-    models = tmp_path / "models"
-    subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tiny_llava.py"), str(models)],
-        check=True,
-    )
-    text_model = models / "tiny-llava-text.gguf"
-    mmproj = models / "tiny-llava-mmproj.gguf"
+    text_model = tiny_llava.text
+    mmproj = tiny_llava.mmproj
     images, instances, captions = write_dataset(tmp_path, n=3)
     out = tmp_path / "run"
     argv = [

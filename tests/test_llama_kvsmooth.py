@@ -21,9 +21,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
-import importlib.util
 import math
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -55,16 +53,7 @@ MODES = {"adaptive": _capi.LLAMA_KVSMOOTH_MODE_ADAPTIVE, "fixed": _capi.LLAMA_KV
 SETTINGS = [(3, 5, 0.9, 0.2), (0, 6, 0.5, 0.5)]
 
 
-def _load_maker() -> Any:
-    spec = importlib.util.spec_from_file_location("make_tiny_llava", ROOT / "scripts" / "make_tiny_llava.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-maker = _load_maker()
+import make_tiny_llava as maker  # noqa: E402  (scripts/ is on sys.path: conftest.py)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +14,7 @@ from reference_llama import KVSmoothParams, ReferenceLlama, gguf_value, round_to
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_maker():
-    spec = importlib.util.spec_from_file_location("make_tiny_llava", ROOT / "scripts" / "make_tiny_llava.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-maker = _load_maker()
+import make_tiny_llava as maker  # noqa: E402  (scripts/ is on sys.path: conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,9 +14,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import pytest
+from conftest import TinyLlava
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180
@@ -36,17 +36,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("server")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_llava.py"), str(d)],
-                   check=True, capture_output=True, timeout=120)
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import make_tiny_llava
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    make_tiny_llava.write_test_image(d / "picture.png", size=(64, 48), seed=0)
-    return d
+def fixture_dir(tiny_llava: TinyLlava) -> Path:
+    return tiny_llava.dir
 
 
 def start_server(d: Path, *extra: str) -> Tuple[subprocess.Popen, str]:
