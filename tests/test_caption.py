@@ -185,9 +185,12 @@ def test_model_from_environment_and_usage_errors(models: Dict[str, Path], tmp_pa
 
 
 def test_ctrl_c_keeps_finished_captions(models: Dict[str, Path], tmp_path: Path) -> None:
+    # enough images that the run is still going when the test, maybe starved of CPU on a
+    # loaded machine, gets to send the interrupt
+    n_images = 150
     folder = tmp_path / "many"
-    for i in range(40):
-        write_image(folder / f"img{i:02d}.png", seed=i)
+    for i in range(n_images):
+        write_image(folder / f"img{i:03d}.png", seed=i)
     out = tmp_path / "c.jsonl"
     cmd = [sys.executable, "-m", "pykvsmooth.caption", str(folder), "--out", str(out), "--sidecar",
            "--max-tokens", "200", "--quiet", "--model", str(models["model"]), "--mmproj", str(models["mmproj"])]
@@ -206,14 +209,17 @@ def test_ctrl_c_keeps_finished_captions(models: Dict[str, Path], tmp_path: Path)
     assert proc.returncode == 130, stderr
     assert "interrupted:" in stderr
     records = read_jsonl(out)  # every line is valid JSON
-    assert 2 <= len(records) < 40
+    assert 2 <= len(records) < n_images
     for r in records:
         assert Path(r["path"]).with_suffix(".txt").read_text(encoding="utf-8") == r["caption"] + "\n"
     assert len(list(folder.glob("*.txt"))) == len(records)
-    # and the rest is done by the next run
+    # and the rest is done by the next run (three of the rest, to keep the test short)
+    done = {Path(r["path"]).name for r in records}
+    for image in sorted(p for p in folder.glob("*.png") if p.name not in done)[3:]:
+        image.unlink()
     rest = caption(models, folder, "--out", out, "--sidecar", cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
-    assert f"{40 - len(records)} captioned, {len(records)} already done" in rest.stderr
+    assert f"3 captioned, {len(records)} already done" in rest.stderr
 
 
 def test_console_script_is_declared() -> None:
