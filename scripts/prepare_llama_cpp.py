@@ -113,7 +113,8 @@ def fetch_archive(cache: Path, lock: dict[str, str]) -> Path:
             sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
             "--no-build-isolation", f"{lock['package']}=={lock['version']}", "-d", tmp,
         ]
-        print("pykvsmooth: " + " ".join(cmd[2:]), flush=True)
+        # stderr: stdout carries the paths that --print-archive/--print-pristine answer with
+        print("pykvsmooth: " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
         result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if result.returncode != 0:
             raise PrepareError(
