@@ -331,20 +331,15 @@ class Captioner:
 
     def caption(self, png: bytes, kvsmooth: Optional[KVSmoothConfig]) -> Dict[str, Any]:
         self.llm.kvsmooth = kvsmooth
-        uri = "data:image/png;base64," + base64.b64encode(png).decode()
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                 {"type": "text", "text": self.args.prompt}]}]
         t0 = time.monotonic()
         with _quiet_stderr(not self.args.verbose):
-            out = self.llm.create_chat_completion(
-                messages=messages, max_tokens=self.args.max_tokens, temperature=self.args.temperature,
-                top_k=1 if self.args.temperature == 0 else 40, repeat_penalty=1.0, seed=self.args.seed)
+            answer = self.llm.describe_image(png, self.args.prompt, max_tokens=self.args.max_tokens,
+                                             temperature=self.args.temperature, seed=self.args.seed)
         seconds = time.monotonic() - t0
-        usage = out["usage"]
         return {
-            "caption": (out["choices"][0]["message"]["content"] or "").strip(),
-            "prompt_tokens": usage["prompt_tokens"],
-            "completion_tokens": usage["completion_tokens"],
+            "caption": answer.text,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
             "seconds": round(seconds, 3),
         }
 

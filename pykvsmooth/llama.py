@@ -17,6 +17,7 @@ more than that:
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ from .config import KVSmoothConfig, KVSmoothValue
 
 class KVSmoothError(RuntimeError):
     """llama.cpp refused a KVSmooth configuration for this model or context."""
+
+
+@dataclass(frozen=True)
+class ImageAnswer:
+    """The answer of ``Llama.describe_image``."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,20 @@ class Llama(llama_cpp.Llama):
                 records.append(TraceRecord(out.seq_id, out.pos, out.layer, out.z, out.lambda_,
                                            out.rank, out.applied))
         return records
+
+    def describe_image(self, image: bytes, prompt: str, *, mime: str = "image/png", max_tokens: int = 512,
+                       temperature: float = 0.0, seed: Optional[int] = None) -> ImageAnswer:
+        """One user turn of an image and a prompt through the chat handler (LLaVA); greedy
+        at temperature 0 (llama.cpp's greedy sampler), no repetition penalty."""
+        uri = f"data:{mime};base64," + base64.b64encode(image).decode("ascii")
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                 {"type": "text", "text": prompt}]}]
+        out = self.create_chat_completion(
+            messages=messages, max_tokens=max_tokens, temperature=temperature,
+            top_k=1 if temperature == 0 else 40, repeat_penalty=1.0, seed=seed)
+        usage = out["usage"]
+        return ImageAnswer((out["choices"][0]["message"]["content"] or "").strip(),
+                           int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
 
     # --- evaluation ------------------------------------------------------------------
 

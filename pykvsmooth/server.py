@@ -23,13 +23,12 @@ extra (uvicorn, fastapi, pydantic-settings, sse-starlette, starlette-context).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import contextvars
 import dataclasses
 import json
 import os
 import sys
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, MutableMapping, Optional, Tuple
+from typing import Any, Awaitable, Callable, Iterator, List, MutableMapping, Optional, Tuple
 
 import pykvsmooth  # noqa: F401  (before llama_cpp: the patched libraries)
 import llama_cpp

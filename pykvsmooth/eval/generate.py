@@ -14,7 +14,6 @@ when a run starts, so the rest of the evaluation works without it.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -138,15 +137,6 @@ class Captioner(Protocol):
 CaptionerFactory = Callable[[Setting, GenerateOptions], Captioner]
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return dataclasses.asdict(config)
-    names = ("lambda_ref", "window", "queue", "layer_start", "layer_end", "mode")
-    return {n: getattr(config, n) for n in names if hasattr(config, n)}
-
-
 class LlamaCaptioner:
     """Captions with ``pykvsmooth.Llama`` and llama-cpp-python's LLaVA-1.5 chat handler."""
 
@@ -175,35 +165,14 @@ class LlamaCaptioner:
         self._max_tokens = options.max_tokens
 
     def caption(self, image: bytes, mime: str) -> tuple[str, int]:
-        uri = f"data:{mime};base64," + base64.b64encode(image).decode("ascii")
-        response = self._llm.create_chat_completion(
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": uri}},
-                        {"type": "text", "text": self._prompt},
-                    ],
-                }
-            ],
-            # greedy: temperature 0 selects llama.cpp's greedy sampler; no penalties
-            temperature=0.0,
-            top_k=1,
-            top_p=1.0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            max_tokens=self._max_tokens,
-        )
-        text = response["choices"][0]["message"]["content"] or ""
-        return text.strip(), int(response["usage"]["completion_tokens"])
+        answer = self._llm.describe_image(image, self._prompt, mime=mime, max_tokens=self._max_tokens)
+        return answer.text, answer.completion_tokens
 
     def describe(self) -> dict[str, Any]:
-        return _config_dict(self._config)
+        return {} if self._config is None else self._config.as_dict()
 
     def close(self) -> None:
-        close = getattr(self._llm, "close", None)
-        if close is not None:
-            close()
+        self._llm.close()
 
 
 def file_digest(path: Path) -> dict[str, Any]:
