@@ -19,8 +19,9 @@ endif
 
 install:
 	$(PIP) install "scikit-build-core>=0.10" "cmake>=3.21" ninja
-	@# llama-cpp-python is the Python binding layer only: its own native build is off,
-	@# it loads the patched libraries that pykvsmooth installs.
+	@# llama-cpp-python is the Python binding layer only: its own native build is off.
+	@# pykvsmooth's one native build installs the patched libraries into llama_cpp/lib,
+	@# where a plain `import llama_cpp` finds them (CMakeLists.txt).
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --no-build-isolation \
 	    "$$($(PYTHON) scripts/prepare_llama_cpp.py --print-archive)"
 	$(PIP) install --no-build-isolation $(BACKEND_SETTINGS) .

@@ -1,8 +1,9 @@
 """pykvsmooth: KVSmooth hallucination mitigation inside llama.cpp.
 
-Importing this package points llama-cpp-python at the patched llama.cpp libraries that
-ship with it, so import it before ``llama_cpp``.  The names below that need llama_cpp
-(and numpy) are loaded on first use, so the console programs start without them.
+``make install`` installs the patched llama.cpp libraries where llama-cpp-python loads them
+(``llama_cpp/lib``), so ``pykvsmooth`` and ``llama_cpp`` may be imported in either order
+(``_libs``).  The names below that need llama_cpp (and numpy) are loaded on first use, so
+the console programs start without them.
 """
 
 from __future__ import annotations

@@ -1,15 +1,26 @@
 """Build smoke tests: the installed package loads the patched libraries, both CLIs run,
-and the source preparation refuses a bad archive or patch with a message naming it."""
+plain llama-cpp-python runs on the same build, and the source preparation refuses a bad
+archive or patch with a message naming it."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import queue
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
+
+from conftest import TinyLlava
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -37,6 +48,109 @@ def test_importing_llama_cpp_first_with_other_libraries_is_refused(tmp_path: Pat
     assert result.returncode != 0
     assert "LibraryConflictError" in result.stderr
     assert "Import pykvsmooth before llama_cpp" in result.stderr
+
+
+def plain_env() -> Dict[str, str]:
+    """The environment of a new process that never heard of pykvsmooth's settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
+    env.pop("PYKVSMOOTH_LIB_DIR", None)
+    return env
+
+
+def run_python(code: str, timeout: float = 300) -> str:
+    result = subprocess.run([sys.executable, "-c", code], env=plain_env(), capture_output=True, text=True,
+                            timeout=timeout, cwd=Path(__file__).resolve().parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_plain_import_llama_cpp_loads_the_patched_build() -> None:
+    """`import llama_cpp` on its own, first, with no variable set: llama_cpp finds the one
+    native build in its own lib folder, and pykvsmooth, imported after it, uses the same."""
+    out = run_python(
+        "import llama_cpp, llama_cpp.llama_cpp as l, llama_cpp.mtmd_cpp as m, json\n"
+        "info = dict(llama=l._lib._name, mtmd=m._libmtmd._name,\n"
+        "            patched=hasattr(l._lib, 'llama_kvsmooth_build_info'))\n"
+        "import pykvsmooth\n"
+        "info.update(lib_dir=str(pykvsmooth.lib_dir()), build=pykvsmooth.build_info())\n"
+        "print(json.dumps(info))\n")
+    info = json.loads(out)
+    assert info["patched"], info
+    assert info["build"].startswith("pykvsmooth "), info
+    llama_cpp_dir = Path(importlib.util.find_spec("llama_cpp").submodule_search_locations[0])  # type: ignore
+    assert Path(info["llama"]).resolve().parent == Path(info["lib_dir"]) == (llama_cpp_dir / "lib").resolve(), info
+    assert Path(info["mtmd"]).resolve().parent == Path(info["lib_dir"]), info
+
+
+def test_libraries_are_installed_once() -> None:
+    """One copy of each library, in llama_cpp/lib; pykvsmooth/lib holds only the op runner."""
+    import pykvsmooth
+
+    pkg = Path(pykvsmooth.__file__).resolve().parent
+    libs = sorted(p.name for p in pykvsmooth.lib_dir().iterdir())
+    assert "libllama.so" in libs and "libmtmd.so" in libs and "libggml.so" in libs, libs
+    if pykvsmooth.lib_dir() != (pkg / "lib").resolve():  # installed, not a source checkout
+        assert sorted(p.name for p in (pkg / "lib").iterdir()) == ["libkvsmooth-op-runner.so"]
+    pth = [p for p in pkg.parent.glob("*.pth") if re.search("pykvsmooth|LLAMA_CPP_LIB_PATH|MTMD_CPP_LIB", p.read_text())]
+    assert not pth, pth  # no start-up hooks
+    assert (pkg / "py.typed").is_file()
+
+
+def test_kvsmooth_off_is_bit_identical_through_plain_llama_cpp(tiny_llava: TinyLlava) -> None:
+    """llama_cpp.Llama and pykvsmooth.Llama(kvsmooth=None) in one process that imported
+    llama_cpp first: the same greedy tokens and bit-identical logits."""
+    out = run_python(
+        "import json, llama_cpp, numpy as np\n"
+        "import pykvsmooth\n"
+        f"path = {str(tiny_llava.text)!r}\n"
+        "prompt = [1] + [int(t) for t in np.random.default_rng(7).integers(3, 400, 40)]\n"
+        "def run(cls, **kw):\n"
+        "    llm = cls(model_path=path, n_ctx=256, n_batch=16, n_threads=2, logits_all=True, seed=0,\n"
+        "              verbose=False, **kw)\n"
+        "    out = []\n"
+        "    for t in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):\n"
+        "        out.append(int(t))\n"
+        "        if len(out) == 12: break\n"
+        "    return out, llm.scores[:llm.n_tokens].copy()\n"
+        "a, sa = run(llama_cpp.Llama)\n"
+        "b, sb = run(pykvsmooth.Llama, kvsmooth=None)\n"
+        "c, _ = run(pykvsmooth.Llama, kvsmooth=0.9)\n"
+        "print(json.dumps(dict(a=a, b=b, c=c, same=bool(np.array_equal(sa, sb)), n=int(sa.shape[0]))))\n")
+    r = json.loads(out)
+    assert r["a"] == r["b"] and len(r["a"]) == 12, r
+    assert r["same"] and r["n"] == 41 + 11, r
+    assert r["c"] != r["a"], r  # and KVSmooth on, in the same process, does change them
+
+
+def test_llama_cpp_server_serves_on_the_patched_build(tiny_llava: TinyLlava) -> None:
+    """`python -m llama_cpp.server`, untouched, starts and answers /v1/models on loopback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_llava.text), "--host", "127.0.0.1",
+         "--port", "0", "--n_ctx", "256"],
+        env=plain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: "queue.Queue[str]" = queue.Queue()
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
+    seen: List[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("llama_cpp.server did not start within 120 s:\n" + "".join(seen[-40:]))
+            seen.append(line)
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            url = match.group(1) if match else None
+            assert proc.poll() is None or url, "llama_cpp.server exited:\n" + "".join(seen[-40:])
+        with urllib.request.urlopen(url + "/v1/models", timeout=60) as response:
+            models = json.load(response)
+        assert [m["id"] for m in models["data"]] == [str(tiny_llava.text)], models
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 @pytest.mark.parametrize("program", ["llama-mtmd-cli", "llama-llava-cli"])
