@@ -323,7 +323,11 @@ def score_captions(
     annotations: CocoAnnotations | GroundTruth,
     extractor: Extractor | None = None,
 ) -> list[CaptionChair]:
-    """Score each caption; pass a :class:`GroundTruth` to share it between caption files."""
+    """Score each caption; pass a :class:`GroundTruth` to share it between caption files.
+
+    Without ``extractor`` (and without a GroundTruth) the ``extended`` extractor reads the
+    captions; ``make_extractor("opera")`` is the paper's protocol (needs NLTK).
+    """
     if isinstance(annotations, GroundTruth):
         truth = annotations
         if extractor is not None and extractor is not truth.extractor:

@@ -23,13 +23,14 @@ mentions the object. The ``extended`` protocol follows HALC's ``eval/opope_eval.
   KVSmooth paper); the paper reports the mean of each metric over the three sets.
 
 and departs from it (``--protocol halc`` does exactly what HALC does) in:
+
 - HALC takes the first objects of each image's list as positives and draws random
   negatives from one global random stream; here positives and random negatives are drawn
   per image from ``random.Random(f"{seed}:{image_id}:...")``, so one image's probes do not
   depend on which other images are in the caption file;
 - HALC answers "yes" when any word of the object name is a substring of the caption
-  ("car" in "carrot"); here an object is mentioned iff the CHAIR extractor finds it (with
-  synonyms and plurals), the same reading the CHAIR metrics use;
+  ("car" in "carrot"); here an object is mentioned iff the extended CHAIR extractor finds
+  it (with synonyms and plurals);
 - frequency and co-occurrence are counted over the probed images (as HALC), ties broken by
   name.
 """
