@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a tiny random-weight Qwen2-VL-shaped model pair for tests.
 
-    python scripts/make_tiny_qwen2vl.py OUTDIR [--seed N] [--weights f32|f16]
+    python scripts/make_tiny_qwen2vl.py OUTDIR [--seed N] [--weights f32|f16] [--qwen3vl]
 
 writes OUTDIR/tiny-qwen2vl-text.gguf (general.architecture "qwen2vl": M-RoPE with four rope
 sections, Q/K/V biases, SwiGLU; the SentencePiece-style vocabulary of make_tiny_llava.py plus
@@ -14,6 +14,11 @@ loads it). Seeded NumPy weights: the same seed gives byte-identical files.
 Head size 64 with rope sections [8, 12, 12, 0] (32 rotated pairs: time, height, width; the
 real 7B model has head size 128 and [16, 24, 24, 0]). Weights are written in llama.cpp's
 convention: M-RoPE rotates the pairs (x[i], x[i + 32]) (NEOX order), no permutation.
+
+`--qwen3vl` (write_qwen3vl_text_model) also writes OUTDIR/tiny-qwen3vl-text.gguf: arch
+"qwen3vl", Qwen3's RMS-normed Q and K without biases, interleaved M-RoPE (IMROPE) with sections
+[12, 10, 10, 0] (real: [24, 20, 20, 0]) and one DeepStack layer (input embeddings of
+2 x n_embd: the second half is added to layer 0's output). Text model only: no qwen3vl mmproj.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import make_tiny_llava as llava
 
 TEXT_FILE = "tiny-qwen2vl-text.gguf"
 MMPROJ_FILE = "tiny-qwen2vl-mmproj.gguf"
+QWEN3VL_TEXT_FILE = "tiny-qwen3vl-text.gguf"
 ARCH = "qwen2vl"
 
 # ChatML plus the vision markers mtmd puts around an image (<|vision_start|> ... <|vision_end|>)
@@ -95,6 +101,17 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
 
 def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **dims) -> TextConfig:
     """Write the Qwen2-VL text model; `dims` overrides TextConfig fields."""
+    return _write_text(path, ARCH, seed, weights, 0, **dims)
+
+
+def write_qwen3vl_text_model(path: str | Path, seed: int = 0, weights: str = "f32", n_deepstack: int = 1,
+                             **dims) -> TextConfig:
+    """Write the Qwen3-VL text model (Q/K norms, no biases, IMROPE, `n_deepstack` DeepStack layers)."""
+    dims.setdefault("rope_sections", (12, 10, 10, 0))
+    return _write_text(path, "qwen3vl", seed, weights, n_deepstack, **dims)
+
+
+def _write_text(path: str | Path, arch: str, seed: int, weights: str, n_deepstack: int, **dims) -> TextConfig:
     tokens, scores, types = vocab()
     cfg = TextConfig(n_vocab=len(tokens), weights=weights, **dims)
     if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_head_kv:
@@ -107,8 +124,8 @@ def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **di
     def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
         return rng.standard_normal(shape) * std
 
-    w = gguf.GGUFWriter(str(path), ARCH)
-    w.add_name("tiny-qwen2vl-text")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}-text")
     w.add_context_length(cfg.n_ctx)
     w.add_embedding_length(E)
     w.add_block_count(cfg.n_layer)
@@ -119,6 +136,8 @@ def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **di
     w.add_rope_freq_base(cfg.rope_freq_base)
     w.add_rope_dimension_sections(list(cfg.rope_sections))
     w.add_layer_norm_rms_eps(cfg.rms_eps)
+    if arch == "qwen3vl":
+        w.add_uint32(f"{arch}.n_deepstack_layers", n_deepstack)
     w.add_vocab_size(cfg.n_vocab)
     w.add_file_type(llava._file_type(weights))
     llava.add_tokenizer(w, tokens, scores, types, chat_template=CHAT_TEMPLATE,
@@ -137,12 +156,20 @@ def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **di
     for il in range(cfg.n_layer):
         p = f"blk.{il}."
         vec(p + "attn_norm.weight", E, 1.0, 0.1)
-        mat(p + "attn_q.weight", (cfg.n_head * hd, E), qk_std)
-        vec(p + "attn_q.bias", cfg.n_head * hd, 0.0, 0.3)
-        mat(p + "attn_k.weight", (cfg.n_head_kv * hd, E), qk_std)
-        vec(p + "attn_k.bias", cfg.n_head_kv * hd, 0.0, 0.3)
-        mat(p + "attn_v.weight", (cfg.n_head_kv * hd, E), 1.0 / np.sqrt(E))
-        vec(p + "attn_v.bias", cfg.n_head_kv * hd, 0.0, 0.1)
+        if arch == "qwen2vl":
+            mat(p + "attn_q.weight", (cfg.n_head * hd, E), qk_std)
+            vec(p + "attn_q.bias", cfg.n_head * hd, 0.0, 0.3)
+            mat(p + "attn_k.weight", (cfg.n_head_kv * hd, E), qk_std)
+            vec(p + "attn_k.bias", cfg.n_head_kv * hd, 0.0, 0.3)
+            mat(p + "attn_v.weight", (cfg.n_head_kv * hd, E), 1.0 / np.sqrt(E))
+            vec(p + "attn_v.bias", cfg.n_head_kv * hd, 0.0, 0.1)
+        else:
+            # Qwen3: Q and K RMS-normed per head; norm weights ~1.6 give attention logits of std ~2.5
+            mat(p + "attn_q.weight", (cfg.n_head * hd, E), 1.0 / np.sqrt(E))
+            mat(p + "attn_k.weight", (cfg.n_head_kv * hd, E), 1.0 / np.sqrt(E))
+            mat(p + "attn_v.weight", (cfg.n_head_kv * hd, E), 1.0 / np.sqrt(E))
+            vec(p + "attn_q_norm.weight", hd, 1.6, 0.2)
+            vec(p + "attn_k_norm.weight", hd, 1.6, 0.2)
         mat(p + "attn_output.weight", (E, cfg.n_head * hd), 0.7 / np.sqrt(cfg.n_head * hd))
         vec(p + "ffn_norm.weight", E, 1.0, 0.1)
         mat(p + "ffn_gate.weight", (cfg.n_ff, E), 1.0 / np.sqrt(E))
@@ -223,9 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("outdir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", choices=("f32", "f16"), default="f32")
+    ap.add_argument("--qwen3vl", action="store_true", help="also write the Qwen3-VL text model")
     args = ap.parse_args(argv)
     for p in write_pair(args.outdir, args.seed, args.weights):
         print(p)
+    if args.qwen3vl:
+        write_qwen3vl_text_model(Path(args.outdir) / QWEN3VL_TEXT_FILE, args.seed, args.weights)
+        print(Path(args.outdir) / QWEN3VL_TEXT_FILE)
     return 0
 
 

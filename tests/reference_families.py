@@ -1,4 +1,4 @@
-"""Independent NumPy references of the Qwen2-VL (M-RoPE) and Gemma 3 (iSWA) text models, with KVSmooth.
+"""Independent NumPy references of the Qwen2-VL / Qwen3-VL (M-RoPE) and Gemma 3 (iSWA) text models, with KVSmooth.
 
 Like tests/reference_llama.py (whose KVSmooth parameters, trace records and cache rounding it
 reuses), this reads the weights back with `gguf.GGUFReader` and never calls llama.cpp. What it
@@ -10,12 +10,18 @@ positions and all its cells share the first), so "the previous cell" is not "pos
 Qwen2-VL ("qwen2vl", src/models/qwen2vl.cpp): RMSNorm, Q/K/V with biases, M-RoPE
 (ggml_rope_multi, GGML_ROPE_TYPE_MROPE: NEOX pairs (x[i], x[i + d/2]); pair i rotates by the
 position of section s(i % Σsections) with frequency base^(-2i/d)), attention scaled by
-1/sqrt(d), SwiGLU. Text tokens have all four positions equal; an image of nx × ny embeddings
+1/sqrt(d), SwiGLU. Text tokens have positions (p, p, p, 0) (llm_graph_input_pos::set_input:
+the 4th section is 0, not p; Qwen2-VL's sections [.., .., .., 0] never read it); an image of nx × ny embeddings
 placed at p0 has, as mtmd-helper's set_position_mrope_2d writes them, (p0, p0 + row, p0 + col,
 0) for embedding i = row · nx + col, and the next token is at p0 + max(nx, ny). Causal mask
 (llama_kv_cache::set_input_kq_mask with a 2-D ubatch): a cell at sequential position p is
 visible to a token at p1 if p < p1, or if p == p1 and the cell's (row, col) is not after the
 token's in raster order.
+
+Qwen3-VL ("qwen3vl", src/models/qwen3vl.cpp): as Qwen2-VL but Q and K RMS-normed per head
+instead of biases, the sections interleaved (GGML_ROPE_TYPE_IMROPE: pair i takes section
+i % 3 while i < 3 · that section's size), and DeepStack: input embeddings of n_embd ·
+(1 + n_deepstack), slice j + 1 added to the output of layer j (token inputs: zeros).
 
 Gemma 3 ("gemma3", src/models/gemma3.cpp): token embeddings scaled by sqrt(n_embd) (input
 embeddings are not), RMSNorm with the stored weight (the GGUF holds 1 + w), Q and K RMS-normed
@@ -49,7 +55,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from reference_llama import CACHE_TYPES, KVSmoothParams, TraceEntry, _field, _rms_norm, round_to_cache
 
-ARCHS = ("qwen2vl", "gemma3")
+ARCHS = ("qwen2vl", "qwen3vl", "gemma3")
 
 
 @dataclasses.dataclass
@@ -134,7 +140,9 @@ class ReferenceFamily:
         self.tokens: list[str] = list(_field(r, "tokenizer.ggml.tokens"))
         self.w = _load_weights(r)
         self.n_vocab = self.w["token_embd.weight"].shape[0]
-        self.mrope = arch == "qwen2vl"
+        self.mrope = arch in ("qwen2vl", "qwen3vl")
+        self.n_deepstack = int(_field(r, f"{a}.n_deepstack_layers", 0)) if arch == "qwen3vl" else 0
+        self.n_embd_inp = self.n_embd * (1 + self.n_deepstack)
         if self.mrope:
             self.sections = [int(s) for s in _field(r, f"{a}.rope.dimension_sections")][:4]
             if sum(self.sections) != self.head_dim // 2:
@@ -165,10 +173,16 @@ class ReferenceFamily:
         d = self.head_dim
         self._inv_freq = [b ** (-np.arange(0, d, 2, dtype=np.float64) / d) for b in self.rope_base_layer]
         if self.mrope:
-            # which M-RoPE section (0..3) rotates pair i (ggml_mrope_cache_init, not interleaved)
+            # which M-RoPE section (0..3) rotates pair i (ggml_mrope_cache_init): in blocks
+            # (MROPE, qwen2vl) or interleaved t, h, w, t, h, w, ... (IMROPE, qwen3vl)
             s0, s1, s2, _ = self.sections
             sect = np.arange(d // 2) % sum(self.sections)
-            self._section = np.where(sect < s0, 0, np.where(sect < s0 + s1, 1, np.where(sect < s0 + s1 + s2, 2, 3)))
+            if arch == "qwen3vl":
+                self._section = np.where((sect % 3 == 1) & (sect < 3 * s1), 1,
+                                np.where((sect % 3 == 2) & (sect < 3 * s2), 2,
+                                np.where((sect % 3 == 0) & (sect < 3 * s0), 0, 3)))
+            else:
+                self._section = np.where(sect < s0, 0, np.where(sect < s0 + s1, 1, np.where(sect < s0 + s1 + s2, 2, 3)))
 
     # ---- sequences and positions -----------------------------------------------------
 
@@ -194,15 +208,20 @@ class ReferenceFamily:
         i = np.arange(nx * ny)
         return np.stack([np.full_like(i, pos0), pos0 + i // nx, pos0 + i % nx, np.zeros_like(i)]).astype(np.int64)
 
-    def _positions(self, state: FamilyState, n: int, pos: np.ndarray | Sequence[int] | None) -> np.ndarray:
+    def _positions(self, state: FamilyState, n: int, pos: np.ndarray | Sequence[int] | None,
+                   tokens: bool) -> np.ndarray:
         if pos is None:
             pos = np.arange(state.next_pos, state.next_pos + n)
         p = np.asarray(pos, dtype=np.int64)
         if p.ndim == 1:
-            p = np.stack([p, p, p, p])  # a token batch: one position, broadcast to every section
+            if self.mrope and not tokens:
+                raise ValueError("M-RoPE input embeddings need [4, n] positions")
+            # a token batch has one position per token: llm_graph_input_pos::set_input makes it
+            # (p, p, p, 0) for M-RoPE (the 4th section is 0, not p)
+            p = np.stack([p, p, p, np.zeros_like(p) if self.mrope else p])
         if p.shape != (4, n):
             raise ValueError(f"positions must be [n] or [4, n] for {n} tokens, got {p.shape}")
-        if not self.mrope and not (np.all(p == p[0])):
+        if not self.mrope and not np.all(p == p[0]):
             raise ValueError(f"{self.arch} has one position per token")
         if state.n_cells and p[0].min() <= state.pos.max() and not (self.mrope and p[0].min() == state.pos.max()):
             raise ValueError("positions must go forward")
@@ -219,19 +238,22 @@ class ReferenceFamily:
         if toks.ndim != 1 or len(toks) == 0 or toks.min() < 0 or toks.max() >= self.n_vocab:
             raise ValueError("tokens must be a non-empty list of valid ids")
         x = self.w["token_embd.weight"][toks]
+        if self.n_deepstack:
+            x = np.concatenate([x, np.zeros((len(toks), self.n_embd * self.n_deepstack))], axis=1)
         if self.arch == "gemma3":
             # ggml_scale by sqrtf(n_embd), in f32, of token inputs only
             x = x * float(np.float32(np.sqrt(np.float32(self.n_embd))))
-        return self._forward(state, x, self._positions(state, len(toks), pos), smooth_last, smooth)
+        return self._forward(state, x, self._positions(state, len(toks), pos, True), smooth_last, smooth)
 
     def eval_embd(self, state: FamilyState, embd: np.ndarray, pos: np.ndarray | Sequence[int] | None = None,
                   smooth_last: bool = False, smooth: Sequence[bool] | None = None) -> np.ndarray:
-        """Like `eval` for input embeddings [n, n_embd] (e.g. an image's) at `pos`: [n] or, for
-        M-RoPE, [4, n] (see image_positions)."""
+        """Like `eval` for input embeddings [n, n_embd_inp] (e.g. an image's) at `pos`: [n] or,
+        for M-RoPE, [4, n] (see image_positions). n_embd_inp is n_embd, or for Qwen3-VL
+        n_embd · (1 + n_deepstack): slice j + 1 is added to the output of layer j."""
         x = np.asarray(embd, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self.n_embd or x.shape[0] == 0:
-            raise ValueError("embeddings must be [n_tokens, n_embd]")
-        return self._forward(state, x, self._positions(state, x.shape[0], pos), smooth_last, smooth)
+        if x.ndim != 2 or x.shape[1] != self.n_embd_inp or x.shape[0] == 0:
+            raise ValueError(f"embeddings must be [n_tokens, {self.n_embd_inp}]")
+        return self._forward(state, x, self._positions(state, x.shape[0], pos, False), smooth_last, smooth)
 
     def _forward(self, state: FamilyState, x: np.ndarray, pos: np.ndarray, smooth_last: bool,
                  smooth: Sequence[bool] | None) -> np.ndarray:
@@ -247,9 +269,13 @@ class ReferenceFamily:
         state.row = np.concatenate([state.row, pos[1]])
         state.col = np.concatenate([state.col, pos[2]])
         masks = {swa: self._mask(state, pos, swa) for swa in set(self.is_swa)}
+        E = self.n_embd
+        x, deepstack = x[:, :E], x[:, E:]
         for il in range(self.n_layer):
             x = x + self._attention(state, il, x, pos, first_new, masks[self.is_swa[il]], smoothed)
             x = x + self._ffn(il, x)
+            if il < self.n_deepstack:
+                x = x + deepstack[:, il * E:(il + 1) * E]
         x = _rms_norm(x, self.w["output_norm.weight"], self.rms_eps)
         logits = x @ self.output.T
         if self.softcap:

@@ -1,4 +1,5 @@
-"""KVSmooth on Qwen2-VL (arch qwen2vl: M-RoPE, Q/K/V biases) against the NumPy reference.
+"""KVSmooth on Qwen2-VL (arch qwen2vl: M-RoPE, Q/K/V biases) and Qwen3-VL (qwen3vl: IMROPE,
+Q/K norms, DeepStack) against the NumPy reference.
 
 The tiny random model of scripts/make_tiny_qwen2vl.py (6 layers, 4 query heads over 2 KV
 heads, head size 64, rope sections [8, 12, 12, 0]) runs through libllama's C API, teacher-
@@ -14,8 +15,9 @@ prompt token comes right after the image, so its previous cell (SPEC §1 step 4:
 sequential position below it) is 7 positions down and shared by 48 cells: the image's last one
 (decoded last) is meant. test_previous_cell_after_the_image_jump shows the other readings
 (position - 1, i.e. no blend; the image's first cell) are told apart by far more than the
-tolerance. Finally llama-mtmd-cli captions a picture with the fixture's ChatML template and
-smooths only the final prompt token and the generated ones.
+tolerance. llama-mtmd-cli captions a picture with the fixture's ChatML template and smooths
+only the final prompt token and the generated ones. The Qwen3-VL text model (no mmproj) runs
+the same image workloads with DeepStack embeddings (2 x n_embd).
 """
 
 from __future__ import annotations
@@ -297,3 +299,51 @@ def test_mtmd_cli_smooths_final_prompt_token_and_generated(tiny_qwen2vl: TinyFam
 
     off = _caption(tiny_qwen2vl, None)
     assert off.stdout != r.stdout, "KVSmooth 0.9 did not change the greedy answer"
+
+
+# ---------------------------------------------------------------------------------------
+# Qwen3-VL: interleaved M-RoPE sections, Q/K norms, a DeepStack layer
+
+
+@pytest.fixture(scope="module")
+def qwen3vl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[fn.Model, ReferenceFamily, dict]]:
+    import make_tiny_qwen2vl
+
+    path = tmp_path_factory.mktemp("tiny-qwen3vl") / make_tiny_qwen2vl.QWEN3VL_TEXT_FILE
+    make_tiny_qwen2vl.write_qwen3vl_text_model(path)
+    r = ReferenceFamily(path)
+    assert (r.arch, r.sections, r.n_deepstack, r.n_embd_inp) == ("qwen3vl", [12, 10, 10, 0], 1, 2 * r.n_embd)
+    img = np.random.default_rng(7).standard_normal((IMAGE_NX * IMAGE_NY, r.n_embd_inp)).astype(np.float32)
+    wl = [text_chunk(_tokens(r, 10, 1), 0), embd_chunk(img, r.image_positions(10, IMAGE_NX, IMAGE_NY)),
+          text_chunk(_tokens(r, 1, 3), 10 + max(IMAGE_NX, IMAGE_NY))]
+    with fn.load_model(path) as m:
+        yield m, r, {"image-last": wl}
+
+
+def test_qwen3vl_reference_sections(qwen3vl) -> None:
+    """IMROPE: pairs cycle t, h, w while each section lasts; the last pair (31) is section 3,
+    which is 0 for text tokens (llm_graph_input_pos), so it is not NEOX RoPE even for text."""
+    _, r, _ = qwen3vl
+    assert r._section.tolist() == [0, 1, 2] * 10 + [0, 3]
+    x = np.random.default_rng(0).standard_normal((1, 1, r.head_dim))
+    st = r.new_sequence()
+    assert r._positions(st, 1, [5], True)[:, 0].tolist() == [5, 5, 5, 0]
+    assert not np.allclose(r._rope(x, np.array([[5], [5], [5], [0]]), 0), r._rope(x, np.array([[5]] * 4), 0))
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("params", [None, GRID[0].values[0], Params(mode="fixed", layer_start=0, layer_end=6),
+                                    Params(mode="keys", layer_start=0, layer_end=6)],
+                         ids=["off", "adaptive-layers3-5", "fixed-layers0-6", "keys-layers0-6"])
+def test_qwen3vl_matches_reference(qwen3vl, gen, params: Params | None, flash_attn: bool) -> None:
+    """Measured: FA off 0.8-1.3e-5, FA on 0.016-0.022."""
+    m, r, wls = qwen3vl
+    if flash_attn and params is not None and params.mode == "adaptive":
+        params = FA_GRID[1].values[0]
+    want = fn.run_reference(r, params, wls["image-last"], gen)
+    with fn.context(m, params, flash_attn=flash_attn) as ctx:
+        got = fn.run_native(ctx, m.n_vocab, wls["image-last"], gen)
+    print(params, "FA", flash_attn, "max |dlogit| =", max_diff(got.logits, want.logits))
+    assert max_diff(got.logits, want.logits) <= (FA_ATOL if flash_attn else LOGIT_ATOL)
+    if params is not None:
+        fn.check_trace(got, want, params, z_atol=0.05 if flash_attn else 1e-4, exact_lambda=not flash_attn)
