@@ -167,3 +167,19 @@ def test_window_matters(ref: ReferenceFamily, workloads, gen, reference) -> None
     glob.is_swa = [False] * ref.n_layer
     other = fn.run_reference(glob, None, workloads["short"], gen)
     assert max_diff(other.logits, reference(None, "short").logits) > 100 * LOGIT_ATOL
+
+
+def test_mtmd_cli_captions(tiny_gemma3: TinyFamily) -> None:
+    """The pair loads in llama-mtmd-cli (the gemma3 projector, 16 image embeddings, Gemma's
+    template detected as built-in "gemma") and captions deterministically; KVSmooth is in
+    tests/test_gemma3_kvsmooth.py."""
+    from test_cli import chunk_ranges, run as run_cli
+
+    args = ["-m", str(tiny_gemma3.text), "--mmproj", str(tiny_gemma3.mmproj), "--image", str(tiny_gemma3.png),
+            "-p", "Describe the image.", "-n", "8", "--temp", "0", "--seed", "1", "-t", "1", "-c", "1024"]
+    r = run_cli("llama-mtmd-cli", args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text, media = chunk_ranges(r.stderr)
+    assert len(media) == 1 and len(media[0]) == 16 and media[0].start == text[0].stop
+    assert "<start_of_turn>model" in r.stderr  # the chat template example the CLI logs
+    assert run_cli("llama-mtmd-cli", args).stdout == r.stdout
