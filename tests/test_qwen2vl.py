@@ -10,10 +10,10 @@ layer, entropy, rank, λ).
 The workloads are mtmd-shaped prompts: text, then an image chunk of 8 x 6 embeddings passed
 through llama_batch.embd with four positions each (section-major in llama_batch.pos, as
 mtmd_helper_decode_image_chunk passes them): (p0, p0 + row, p0 + col, 0), all cells at the one
-sequential position p0, and the next token at p0 + max(8, 6) = p0 + 8. In IMAGE_LAST the final
-prompt token comes right after the image, so its previous cell (SPEC §1 step 4: the greatest
-sequential position below it) is 7 positions down and shared by 48 cells: the image's last one
-(decoded last) is meant. test_previous_cell_after_the_image_jump shows the other readings
+sequential position p0, and the next token at p0 + max(8, 6) = p0 + 8. In "image-last" the
+final prompt token (position 18) comes right after the image (cells at 10): its previous cell
+(SPEC §1 step 4: the greatest sequential position below it) is 8 positions down and shared by
+48 cells, of which the image's last one (decoded last) is meant. test_previous_cell_after_the_image_jump shows the other readings
 (position - 1, i.e. no blend; the image's first cell) are told apart by far more than the
 tolerance. llama-mtmd-cli captions a picture with the fixture's ChatML template and smooths
 only the final prompt token and the generated ones. The Qwen3-VL text model (no mmproj) runs
@@ -241,7 +241,7 @@ FA_GRID = [
 @pytest.mark.parametrize("params", FA_GRID)
 def test_flash_attn_matches_reference(model, workloads, gen, reference, params: Params, workload: str) -> None:
     want = reference(params, workload)
-    # smoothing moves the logits well beyond FA_ATOL (the least: adaptive M = 256 on IMAGE_LAST,
+    # smoothing moves the logits well beyond FA_ATOL (the least: adaptive M = 256 on image-last,
     # 0.68 with λ = k/256 ≤ 0.1 over 24 steps: 30x the measured FA error)
     assert max_diff(want.logits, reference(None, workload).logits) > 5 * FA_ATOL
     with fn.context(model, params, flash_attn=True) as ctx:
