@@ -13,11 +13,12 @@ mtmd_helper_decode_image_chunk passes them): (p0, p0 + row, p0 + col, 0), all ce
 sequential position p0, and the next token at p0 + max(8, 6) = p0 + 8. In "image-last" the
 final prompt token (position 18) comes right after the image (cells at 10): its previous cell
 (SPEC §1 step 4: the greatest sequential position below it) is 8 positions down and shared by
-48 cells, of which the image's last one (decoded last) is meant. test_previous_cell_after_the_image_jump shows the other readings
-(position - 1, i.e. no blend; the image's first cell) are told apart by far more than the
-tolerance. llama-mtmd-cli captions a picture with the fixture's ChatML template and smooths
-only the final prompt token and the generated ones. The Qwen3-VL text model (no mmproj) runs
-the same image workloads with DeepStack embeddings (2 x n_embd).
+48 cells, of which the image's last one (decoded last) is meant.
+test_previous_cell_after_the_image_jump shows the other readings (position - 1, i.e. no blend;
+the image's first cell) are told apart by far more than the tolerance. llama-mtmd-cli captions
+a picture with the fixture's ChatML template and smooths only the final prompt token and the
+generated ones. The Qwen3-VL text model (no mmproj) runs the same image workloads with
+DeepStack embeddings (2 x n_embd).
 """
 
 from __future__ import annotations
