@@ -33,10 +33,13 @@ N_UBATCH = 32  # the small SWA cache: PAD(min(N_CTX, 8 + 32), 256) = 256 cells
 # The CPU backend computes GELU through an f16 table (ggml-cpu/vec.h, GGML_GELU_FP16): the input
 # is rounded to f16, so an f32-level difference in it can move an activation by one f16 step
 # (5e-4 relative). The reference emulates the table (exact GELU: 4.5-6e-3 off); what remains are
-# those flips near f16 rounding boundaries: measured 1.1-1.3e-3 on these workloads, and 0.8e-3
-# from f32-sized noise on the GELU input alone, reference against itself. So 2e-3 here (the
-# LLaMA and Qwen2-VL tests, without GELU, are at 3e-5 within 1e-3).
-LOGIT_ATOL = 2e-3
+# those flips near f16 rounding boundaries, which no float64 reference can reproduce: f32-sized
+# noise on the GELU input alone moves the reference's own logits by 0.8e-3. Measured against
+# llama.cpp: 1.1-1.4e-3 with KVSmooth off, 1.1-2.2e-3 with it on (12 settings, both caches),
+# while entropies agree within 1.6e-4 and every rank and λ exactly. So 4e-3 here, twice the
+# worst case, instead of the 2e-3 the GELU-free families get (LLaMA, Qwen2-VL: 3e-5 measured);
+# smoothing itself moves the logits by more than 100x that (asserted).
+LOGIT_ATOL = 4e-3
 # FA: f16 K/V (see test_llama_kvsmooth.FA_ATOL); measured 0.012-0.026.
 FA_ATOL = 0.1
 
