@@ -64,7 +64,7 @@ FAMILIES = {
     "lfm2": Family("lfm2", lambda p: make_tiny_lfm2.write_text_model(p, seed=0), ReferenceLFM2,
                    attn=(1, 4, 5), recurrent=(0, 2, 3), mixed=(3, 5), recurrent_only=(2, 4), fa_atol=0.05),
     "qwen35": Family("qwen35", lambda p: make_tiny_qwen35.write_text_model(p, seed=0), ReferenceQwen35,
-                     attn=(1, 3, 5), recurrent=(0, 2, 4), mixed=(3, 5), recurrent_only=(4, 5), fa_atol=0.15),
+                     attn=(1, 3, 5), recurrent=(0, 2, 4), mixed=(3, 5), recurrent_only=(4, 5), fa_atol=0.2),
 }
 
 
@@ -185,12 +185,13 @@ GRID = [pytest.param(Params(mode=m, layer_start=s, layer_end=e, lambda_ref=lr, w
 
 # Flash attention: as in test_llama_kvsmooth.py, llama.cpp casts the f32 K/V cache to f16 for
 # ggml_flash_attn_ext, a relative error of up to 2^-11 per element in every attention layer that
-# the float64 reference does not have. Measured with KVSmooth off over this workload
-# (test_flash_attn_baseline's output; logits of std ~3): 0.016 for lfm2, 0.048 for qwen35, whose
-# gated attention output and delta-net states carry the drift on with more gain (it grows with
-# the number of steps: 0.033 after 20). Family.fa_atol is 3x that (0.05, 0.15): the baseline
-# must stay within half of it, and smoothing moves the logits of every FA case by more than
-# 4x it (asserted in test_reference_smoothing_exceeds_fa_tolerance), so a missing or misplaced
+# the float64 reference does not have. Measured over this workload (logits of std ~3), KVSmooth
+# off / on (the FA_GRID cases, printed by the tests): lfm2 0.016 / 0.016-0.020; qwen35
+# 0.048 / 0.037-0.108, whose gated attention output and delta-net states carry the drift on
+# with more gain (it grows with the number of steps: 0.033 off after 20), and whose adaptive
+# case adds rank flips (see below). Family.fa_atol (0.05, 0.2) is about 2x the worst of these;
+# the baseline must stay within half of it, and smoothing moves the logits of every FA case by
+# more than 4x it (test_reference_smoothing_exceeds_fa_tolerance), so a missing or misplaced
 # blend cannot hide in it. Entropies drift by up to ~1e-2, which can flip a rank when two queued
 # values are that close: the adaptive/keys cases use M = 256 and an unclipped window (a flip
 # moves λ by 1/256), and λ / rank are checked within a few steps, not exactly.
