@@ -114,3 +114,9 @@ def test_smoothing_changes_the_answer(pair: Pair) -> None:
 def test_conv_only_range_is_refused(pair: Pair) -> None:
     # layers 2 and 3 are short-conv layers: nothing to smooth (SPEC §4.1)
     assert_fails(run(pair, "--kvsmooth", "0.9", "--kvsmooth-layers", "2-4"), "--kvsmooth")
+
+
+def test_flash_attention_same_answer(pair: Pair) -> None:
+    # the scores path (flash attention) and the probabilities path smooth alike
+    on = caption(pair, "--kvsmooth", "0.9", "--kvsmooth-layers", "0-6", "-fa", "on")
+    assert on == caption(pair, "--kvsmooth", "0.9", "--kvsmooth-layers", "0-6", "-fa", "off")
