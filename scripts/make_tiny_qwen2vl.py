@@ -18,7 +18,9 @@ convention: M-RoPE rotates the pairs (x[i], x[i + 32]) (NEOX order), no permutat
 `--qwen3vl` (write_qwen3vl_text_model) also writes OUTDIR/tiny-qwen3vl-text.gguf: arch
 "qwen3vl", Qwen3's RMS-normed Q and K without biases, interleaved M-RoPE (IMROPE) with sections
 [12, 10, 10, 0] (real: [24, 20, 20, 0]) and one DeepStack layer (input embeddings of
-2 x n_embd: the second half is added to layer 0's output). Text model only: no qwen3vl mmproj.
+2 x n_embd: the second half is added to layer 0's output), and OUTDIR/tiny-qwen3vl-mmproj.gguf
+("qwen3vl_merger": patch bias, learned position embeddings, fused QKV, a DeepStack merger on
+vision layer 0 whose output is the embeddings' second half).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import make_tiny_llava as llava
 TEXT_FILE = "tiny-qwen2vl-text.gguf"
 MMPROJ_FILE = "tiny-qwen2vl-mmproj.gguf"
 QWEN3VL_TEXT_FILE = "tiny-qwen3vl-text.gguf"
+QWEN3VL_MMPROJ_FILE = "tiny-qwen3vl-mmproj.gguf"
 ARCH = "qwen2vl"
 
 # ChatML plus the vision markers mtmd puts around an image (<|vision_start|> ... <|vision_end|>)
@@ -237,6 +240,88 @@ def write_mmproj(path: str | Path, seed: int = 0, text_n_embd: int = 256, weight
     return cfg
 
 
+def write_qwen3vl_mmproj(path: str | Path, seed: int = 0, text_n_embd: int = 256, weights: str = "f32",
+                         n_side: int = 8, **dims) -> VisionConfig:
+    """Write the Qwen3-VL vision tower + "qwen3vl_merger" projector with one DeepStack merger
+    (on vision layer 0); `n_side`: the learned position embeddings' grid (resized by clip.cpp)."""
+    cfg = VisionConfig(text_n_embd=text_n_embd, weights=weights, **dims)
+    if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 8 or cfg.n_ff == cfg.n_embd:
+        raise ValueError("bad vision dimensions")
+    rng = np.random.default_rng(seed + 0x3EED)
+    E, T, P = cfg.n_embd, cfg.text_n_embd, cfg.patch_size
+
+    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
+        return rng.standard_normal(shape) * std
+
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_name("tiny-qwen3vl-mmproj")
+    w.add_file_type(llava._file_type(weights))
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_string("clip.projector_type", "qwen3vl_merger")
+    w.add_bool("clip.use_gelu", True)
+    w.add_uint32("clip.vision.image_size", cfg.image_size)
+    w.add_uint32("clip.vision.patch_size", P)
+    w.add_uint32("clip.vision.embedding_length", E)
+    w.add_uint32("clip.vision.feed_forward_length", cfg.n_ff)
+    w.add_uint32("clip.vision.projection_dim", T)
+    w.add_uint32("clip.vision.attention.head_count", cfg.n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", cfg.eps)
+    w.add_uint32("clip.vision.block_count", cfg.n_layer)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    def mat(name: str, shape: tuple[int, ...], std: float) -> None:
+        w.add_tensor(name, llava._as_weight(normal(shape, std), weights))
+
+    def vec(name: str, n: int, mean: float, std: float) -> None:
+        w.add_tensor(name, (mean + normal((n,), std)).astype(np.float32))
+
+    k_std = 1.0 / np.sqrt(2 * 3 * P * P)
+    mat("v.patch_embd.weight", (E, 3, P, P), k_std)
+    mat("v.patch_embd.weight.1", (E, 3, P, P), k_std)
+    vec("v.patch_embd.bias", E, 0.0, 0.02)
+    mat("v.position_embd.weight", (n_side * n_side, E), 0.5)
+    for il in range(cfg.n_layer):
+        p = f"v.blk.{il}."
+        vec(p + "ln1.weight", E, 1.0, 0.1)
+        vec(p + "ln1.bias", E, 0.0, 0.1)
+        mat(p + "attn_qkv.weight", (3 * E, E), 1.0 / np.sqrt(E))
+        vec(p + "attn_qkv.bias", 3 * E, 0.0, 0.02)
+        mat(p + "attn_out.weight", (E, E), 1.0 / np.sqrt(E))
+        vec(p + "attn_out.bias", E, 0.0, 0.02)
+        vec(p + "ln2.weight", E, 1.0, 0.1)
+        vec(p + "ln2.bias", E, 0.0, 0.1)
+        mat(p + "ffn_up.weight", (cfg.n_ff, E), 1.0 / np.sqrt(E))
+        vec(p + "ffn_up.bias", cfg.n_ff, 0.0, 0.02)
+        mat(p + "ffn_down.weight", (E, cfg.n_ff), 1.0 / np.sqrt(cfg.n_ff))
+        vec(p + "ffn_down.bias", E, 0.0, 0.02)
+    # the DeepStack merger of layer 0: 2x2 neighbourhood (4E) -> LayerNorm -> fc1 -> GELU -> fc2
+    vec("v.deepstack.0.norm.weight", 4 * E, 1.0, 0.1)
+    vec("v.deepstack.0.norm.bias", 4 * E, 0.0, 0.1)
+    mat("v.deepstack.0.fc1.weight", (4 * E, 4 * E), 1.0 / np.sqrt(4 * E))
+    vec("v.deepstack.0.fc1.bias", 4 * E, 0.0, 0.02)
+    mat("v.deepstack.0.fc2.weight", (T, 4 * E), 1.5 / np.sqrt(4 * E))
+    vec("v.deepstack.0.fc2.bias", T, 0.0, 0.02)
+    vec("v.post_ln.weight", E, 1.0, 0.1)
+    vec("v.post_ln.bias", E, 0.0, 0.1)
+    mat("mm.0.weight", (4 * E, 4 * E), 1.0 / np.sqrt(4 * E))
+    vec("mm.0.bias", 4 * E, 0.0, 0.02)
+    mat("mm.2.weight", (T, 4 * E), 1.5 / np.sqrt(4 * E))
+    vec("mm.2.bias", T, 0.0, 0.02)
+
+    llava._finish(w)
+    return cfg
+
+
+def write_qwen3vl_pair(outdir: str | Path, seed: int = 0, weights: str = "f32") -> tuple[Path, Path]:
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = write_qwen3vl_text_model(out / QWEN3VL_TEXT_FILE, seed=seed, weights=weights, n_deepstack=1)
+    write_qwen3vl_mmproj(out / QWEN3VL_MMPROJ_FILE, seed=seed, text_n_embd=text.n_embd, weights=weights)
+    return out / QWEN3VL_TEXT_FILE, out / QWEN3VL_MMPROJ_FILE
+
+
 def write_pair(outdir: str | Path, seed: int = 0, weights: str = "f32") -> tuple[Path, Path]:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("outdir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", choices=("f32", "f16"), default="f32")
-    ap.add_argument("--qwen3vl", action="store_true", help="also write the Qwen3-VL text model")
+    ap.add_argument("--qwen3vl", action="store_true", help="also write the Qwen3-VL pair")
     args = ap.parse_args(argv)
     for p in write_pair(args.outdir, args.seed, args.weights):
         print(p)
     if args.qwen3vl:
-        write_qwen3vl_text_model(Path(args.outdir) / QWEN3VL_TEXT_FILE, args.seed, args.weights)
-        print(Path(args.outdir) / QWEN3VL_TEXT_FILE)
+        for p in write_qwen3vl_pair(args.outdir, args.seed, args.weights):
+            print(p)
     return 0
 
 
