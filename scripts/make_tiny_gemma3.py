@@ -87,6 +87,7 @@ class TextConfig:
     swa_pattern: int = 2
     rope_freq_base: float = 1e6
     rope_freq_base_swa: float = 1e4
+    final_logit_softcapping: float = 0.0  # 0: none (Gemma 3's checkpoints have none; Gemma 2 had 30)
     rms_eps: float = 1e-6
     weights: str = "f32"
 
@@ -139,6 +140,8 @@ def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **di
     w.add_rope_freq_base(cfg.rope_freq_base)
     w.add_float32(f"{ARCH}.rope.freq_base_swa", cfg.rope_freq_base_swa)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
+    if cfg.final_logit_softcapping:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     w.add_sliding_window(cfg.sliding_window)
     w.add_uint32(f"{ARCH}.attention.sliding_window_pattern", cfg.swa_pattern)
     w.add_vocab_size(cfg.n_vocab)

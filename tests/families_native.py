@@ -34,6 +34,7 @@ class Chunk:
     pos: np.ndarray
     tokens: tuple[int, ...] | None = None
     embd: np.ndarray | None = None
+    causal: bool = True  # False: decoded with llama_set_causal_attn(ctx, false), as mtmd does Gemma 3 images
 
     @property
     def n(self) -> int:
@@ -49,8 +50,9 @@ def text_chunk(tokens: Sequence[int], start: int) -> Chunk:
     return Chunk(pos=np.arange(start, start + len(tokens), dtype=np.int64), tokens=tuple(int(t) for t in tokens))
 
 
-def embd_chunk(embd: np.ndarray, pos: np.ndarray) -> Chunk:
-    return Chunk(pos=np.asarray(pos, dtype=np.int64), embd=np.ascontiguousarray(embd, dtype=np.float32))
+def embd_chunk(embd: np.ndarray, pos: np.ndarray, causal: bool = True) -> Chunk:
+    return Chunk(pos=np.asarray(pos, dtype=np.int64), embd=np.ascontiguousarray(embd, dtype=np.float32),
+                 causal=causal)
 
 
 class Batch:
@@ -152,7 +154,13 @@ def run_native(ctx: int, n_vocab: int, prompt: Sequence[Chunk], gen: Sequence[in
             part = Chunk(pos=ch.pos[..., s:e], tokens=ch.tokens[s:e] if ch.tokens is not None else None,
                          embd=ch.embd[s:e] if ch.embd is not None else None)
             out = [ci == len(prompt) - 1 and s + i == ch.n - 1 for i in range(e - s)]
-            Batch(part, seq, out).decode(ctx)
+            if not ch.causal:
+                assert step >= ch.n, "a non-causal chunk must be one decode"
+                L.llama_set_causal_attn(ctx, False)
+            try:
+                Batch(part, seq, out).decode(ctx)
+            finally:
+                L.llama_set_causal_attn(ctx, True)
             if not any(out):
                 assert _capi.llama_kvsmooth_trace_n(ctx) == 0  # tokens without output are never smoothed
     p = int(last.seq_pos[-1])
@@ -180,7 +188,7 @@ def run_reference(ref: ReferenceFamily, params: Params | None, prompt: Sequence[
         if ch.tokens is not None:
             logits = ref.eval(st, ch.tokens, pos=ch.pos, smooth_last=final)
         else:
-            logits = ref.eval_embd(st, ch.embd, pos=ch.pos, smooth_last=final)
+            logits = ref.eval_embd(st, ch.embd, pos=ch.pos, smooth_last=final, causal=ch.causal)
     rows = [logits[-1]]
     p = int(prompt[-1].seq_pos[-1])
     for j, tok in enumerate(gen):

@@ -246,17 +246,20 @@ class ReferenceFamily:
         return self._forward(state, x, self._positions(state, len(toks), pos, True), smooth_last, smooth)
 
     def eval_embd(self, state: FamilyState, embd: np.ndarray, pos: np.ndarray | Sequence[int] | None = None,
-                  smooth_last: bool = False, smooth: Sequence[bool] | None = None) -> np.ndarray:
+                  smooth_last: bool = False, smooth: Sequence[bool] | None = None, causal: bool = True) -> np.ndarray:
         """Like `eval` for input embeddings [n, n_embd_inp] (e.g. an image's) at `pos`: [n] or,
         for M-RoPE, [4, n] (see image_positions). n_embd_inp is n_embd, or for Qwen3-VL
-        n_embd · (1 + n_deepstack): slice j + 1 is added to the output of layer j."""
+        n_embd · (1 + n_deepstack): slice j + 1 is added to the output of layer j. `causal`
+        False: the chunk's tokens see each other both ways (llama_set_causal_attn(ctx, false),
+        as mtmd decodes a Gemma 3 image; LLAMA_NON_CAUSAL_TYPE_ALL: the window still bounds the
+        past in sliding layers)."""
         x = np.asarray(embd, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.n_embd_inp or x.shape[0] == 0:
             raise ValueError(f"embeddings must be [n_tokens, {self.n_embd_inp}]")
-        return self._forward(state, x, self._positions(state, x.shape[0], pos, False), smooth_last, smooth)
+        return self._forward(state, x, self._positions(state, x.shape[0], pos, False), smooth_last, smooth, causal)
 
     def _forward(self, state: FamilyState, x: np.ndarray, pos: np.ndarray, smooth_last: bool,
-                 smooth: Sequence[bool] | None) -> np.ndarray:
+                 smooth: Sequence[bool] | None, causal: bool = True) -> np.ndarray:
         n = x.shape[0]
         if smooth is None:
             smooth = [smooth_last and i == n - 1 for i in range(n)]
@@ -268,7 +271,7 @@ class ReferenceFamily:
         state.pos = np.concatenate([state.pos, pos[0]])
         state.row = np.concatenate([state.row, pos[1]])
         state.col = np.concatenate([state.col, pos[2]])
-        masks = {swa: self._mask(state, pos, swa) for swa in set(self.is_swa)}
+        masks = {swa: self._mask(state, pos, swa, causal) for swa in set(self.is_swa)}
         E = self.n_embd
         x, deepstack = x[:, :E], x[:, E:]
         for il in range(self.n_layer):
@@ -282,11 +285,11 @@ class ReferenceFamily:
             logits = np.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _mask(self, state: FamilyState, pos: np.ndarray, swa: bool) -> np.ndarray:
+    def _mask(self, state: FamilyState, pos: np.ndarray, swa: bool, causal: bool = True) -> np.ndarray:
         """bool [n_tokens, n_cells]: which cells each new token's attention admits."""
         p0, p1 = state.pos[None, :], pos[0][:, None]
-        visible = p0 <= p1
-        if self.mrope:
+        visible = p0 <= p1 if causal else np.ones((p1.shape[0], p0.shape[1]), bool)
+        if self.mrope and causal:
             # same sequential position: raster order of (row, col), as llama_kv_cell_ext::is_2d_gt
             later_2d = (state.row[None, :] > pos[1][:, None]) | (
                 (state.row[None, :] == pos[1][:, None]) & (state.col[None, :] > pos[2][:, None]))

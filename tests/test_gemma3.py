@@ -68,6 +68,9 @@ def make_workloads(ref: ReferenceFamily) -> dict[str, list[Chunk]]:
         # input embeddings (an image's 16, not scaled by sqrt(n_embd)) between text
         "embd": [text_chunk(tokens(ref, 10, 1), 0), embd_chunk(img, np.arange(10, 26)),
                  text_chunk(tokens(ref, 10, 3), 26)],
+        # ... decoded non-causally, as mtmd decodes a Gemma 3 image (mtmd_decode_use_non_causal)
+        "embd-noncausal": [text_chunk(tokens(ref, 10, 1), 0), embd_chunk(img, np.arange(10, 26), causal=False),
+                           text_chunk(tokens(ref, 10, 3), 26)],
     }
 
 
@@ -148,7 +151,7 @@ def test_reference_embeddings_are_not_scaled(ref: ReferenceFamily) -> None:
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("swa_full", [True, False], ids=["swa-full", "swa-small"])
-@pytest.mark.parametrize("workload", ["short", "long", "embd"])
+@pytest.mark.parametrize("workload", ["short", "long", "embd", "embd-noncausal"])
 def test_matches_reference(model, workloads, gen, reference, workload: str, swa_full: bool, flash_attn: bool) -> None:
     want = reference(None, workload)
     with fn.context(model, None, flash_attn=flash_attn, n_ctx=N_CTX, n_batch=N_UBATCH, n_ubatch=N_UBATCH,
@@ -161,6 +164,29 @@ def test_matches_reference(model, workloads, gen, reference, workload: str, swa_
     if workload == "long" and not swa_full:
         # the small SWA cache forgot the positions outside the window: its 256 cells held 290
         assert pos_min > 0
+
+
+def test_noncausal_image_matters(reference) -> None:
+    """Negative control: the non-causal image chunk changes the logits (each embedding sees the
+    later ones, and in sliding layers only the window's past)."""
+    assert max_diff(reference(None, "embd-noncausal").logits, reference(None, "embd").logits) > 100 * LOGIT_ATOL
+
+
+def test_final_logit_softcapping(tmp_path, ref: ReferenceFamily, workloads, gen) -> None:
+    """gemma3.final_logit_softcapping (Gemma 3's checkpoints have none; the key is read):
+    logits = c · tanh(logits / c), here with c = 2 so that it bites (logits of std ~3)."""
+    import make_tiny_gemma3
+
+    path = tmp_path / "softcap.gguf"
+    make_tiny_gemma3.write_text_model(path, final_logit_softcapping=2.0)
+    capped = ReferenceFamily(path)
+    assert capped.softcap == 2.0
+    want = fn.run_reference(capped, None, workloads["short"], gen)
+    assert np.abs(want.logits).max() < 2.0
+    with fn.load_model(path) as m, fn.context(m, None, n_ctx=N_CTX) as ctx:
+        got = fn.run_native(ctx, m.n_vocab, workloads["short"], gen)
+    print("softcap 2: max |dlogit| =", max_diff(got.logits, want.logits))
+    assert max_diff(got.logits, want.logits) <= LOGIT_ATOL
 
 
 def test_window_matters(ref: ReferenceFamily, workloads, gen, reference) -> None:

@@ -129,11 +129,14 @@ def test_small_swa_cache_with_reused_cells(model, workloads, gen, reference, par
     fn.check_trace(got, want, params, z_atol=Z_ATOL)
 
 
-def test_with_input_embeddings(model, workloads, gen, reference) -> None:
+@pytest.mark.parametrize("workload", ["embd", "embd-noncausal"])
+def test_with_input_embeddings(model, workloads, gen, reference, workload: str) -> None:
+    """An image's embeddings between text, decoded causally or (as mtmd does for Gemma 3) not:
+    prompt tokens, never smoothed; the generation after them matches."""
     params = GRID[1].values[0]
-    want = reference(params, "embd")
+    want = reference(params, workload)
     with ctx_of(model, params, swa_full=False) as ctx:
-        got = fn.run_native(ctx, model.n_vocab, workloads["embd"], gen)
+        got = fn.run_native(ctx, model.n_vocab, workloads[workload], gen)
     assert max_diff(got.logits, want.logits) <= LOGIT_ATOL
     fn.check_trace(got, want, params, z_atol=Z_ATOL)
 
