@@ -113,13 +113,14 @@ def load_model(path: Path) -> Iterator[Model]:
 
 @contextmanager
 def context(model: Model, kvsmooth: Params | None = None, *, flash_attn: bool = False, n_ctx: int = 512,
-            n_batch: int = 512, n_ubatch: int = 512, swa_full: bool = True, n_threads: int = 1) -> Iterator[int]:
+            n_batch: int = 512, n_ubatch: int = 512, swa_full: bool = True, n_threads: int = 1,
+            n_seq_max: int = 1) -> Iterator[int]:
     """A context with an f32 KV cache, with KVSmooth set to `kvsmooth` if given (asserted to be
     accepted). One thread: see test_llama_kvsmooth.context."""
     cp = L.llama_context_default_params()
     cp.n_ctx = n_ctx
     cp.n_batch, cp.n_ubatch = n_batch, n_ubatch
-    cp.n_seq_max = 1
+    cp.n_seq_max, cp.kv_unified = n_seq_max, True
     cp.swa_full = swa_full
     cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.type_k = cp.type_v = L.GGML_TYPE_F32

@@ -13,6 +13,7 @@ and the full-size one.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator
@@ -219,3 +220,52 @@ def test_mtmd_cli_smooths_final_prompt_token_and_generated(tiny_gemma3: TinyFami
         assert rec["applied"] is True and 0.7 - 1e-6 <= rec["lambda"] <= 1.1 + 1e-6
     assert all(sorted(v) == [3, 4] for v in by_pos.values())
     assert not any(rec["pos"] in media[0] for rec in records)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_off_is_bit_identical(model, workloads, gen, flash_attn: bool) -> None:
+    """KVSmooth never set, and set then disabled: the very same logits, bit for bit."""
+    kw = dict(swa_full=False, flash_attn=flash_attn)
+    with ctx_of(model, None, **kw) as ctx:
+        plain = fn.run_native(ctx, model.n_vocab, workloads["long"], gen[:10], max_chunk=N_UBATCH)
+    with ctx_of(model, GRID[1].values[0], **kw) as ctx:
+        _capi.llama_kvsmooth_disable(ctx)
+        disabled = fn.run_native(ctx, model.n_vocab, workloads["long"], gen[:10], max_chunk=N_UBATCH)
+    assert np.array_equal(plain.logits, disabled.logits)
+    assert not any(disabled.trace)
+
+
+def test_two_sequences_in_one_batch(model, ref: ReferenceFamily, reference) -> None:
+    """Two sequences (prompts of 40 and 27 tokens) in one batch, then both generation tokens of
+    each step in one decode, on the small SWA cache: each has its own queues and previous cells
+    in both caches, and matches its own reference run."""
+    from test_llama_kvsmooth import Batch as MultiBatch
+
+    params = GRID[0].values[0]
+    prompts = [tokens(ref, 40, 1), tokens(ref, 27, 3)]
+    gens = [tokens(ref, 20, 2), tokens(ref, 20, 4)]
+    with fn.context(model, params, n_ctx=N_CTX, swa_full=False, n_seq_max=2) as ctx:
+        batch = MultiBatch(len(prompts[0]) + len(prompts[1]), n_seq_max=2)
+        rows: list[list[np.ndarray]] = [[], []]
+        traces: list[list[list]] = [[], []]
+        try:
+            items = [(t, i, seq, i == len(p) - 1) for seq, p in enumerate(prompts) for i, t in enumerate(p)]
+            for step in range(1 + len(gens[0])):
+                if step:
+                    items = [(gens[seq][step - 1], len(prompts[seq]) + step - 1, seq, True) for seq in (0, 1)]
+                batch.decode(ctx, items)
+                out = [i for i, it in enumerate(items) if it[3]]
+                trace = fn.read_trace(ctx)
+                for seq in (0, 1):
+                    rows[seq].append(fn.logits_row(ctx, out[seq], model.n_vocab))
+                    traces[seq].append([r for r in trace if r.seq_id == seq])
+        finally:
+            batch.free()
+    for seq in (0, 1):
+        want = fn.run_reference(ref, params, [fn.text_chunk(prompts[seq], 0)], gens[seq])
+        got = fn.Run(np.array(rows[seq]), [[dataclasses.replace(r, seq_id=0) for r in st] for st in traces[seq]],
+                     list(range(len(prompts[seq]) - 1, len(prompts[seq]) + len(gens[seq]))))
+        print(f"seq {seq}: max |dlogit| =", max_diff(got.logits, want.logits))
+        assert max_diff(got.logits, want.logits) <= LOGIT_ATOL
+        assert all(r.seq_id == seq for st in traces[seq] for r in st)
+        fn.check_trace(got, want, params, z_atol=Z_ATOL)
