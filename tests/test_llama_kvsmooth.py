@@ -450,7 +450,8 @@ FA_ATOL = 0.1
 FA_ADAPTIVE = Params(mode="adaptive", queue=256, lambda_ref=0.3, window=0.3, layer_start=0, layer_end=6)
 FA_GRID = [
     pytest.param(Params(mode="fixed"), id="fixed-layers3-5-lref0.9"),
-    pytest.param(Params(mode="fixed", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5), id="fixed-layers0-6-lref0.5"),
+    pytest.param(Params(mode="fixed", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5),
+                 id="fixed-layers0-6-lref0.5"),
     pytest.param(FA_ADAPTIVE, id="adaptive-layers0-6-M256"),
     pytest.param(Params(mode="keys", queue=256, lambda_ref=0.3, window=0.3, layer_start=1, layer_end=4),
                  id="keys-layers1-4-M256"),
