@@ -10,13 +10,13 @@ positions and all its cells share the first), so "the previous cell" is not "pos
 Qwen2-VL ("qwen2vl", src/models/qwen2vl.cpp): RMSNorm, Q/K/V with biases, M-RoPE
 (ggml_rope_multi, GGML_ROPE_TYPE_MROPE: NEOX pairs (x[i], x[i + d/2]); pair i rotates by the
 position of section s(i % Σsections) with frequency base^(-2i/d)), attention scaled by
-1/sqrt(d), SwiGLU. Text tokens have positions (p, p, p, 0) (llm_graph_input_pos::set_input:
-the 4th section is 0, not p; Qwen2-VL's sections [.., .., .., 0] never read it); an image of nx × ny embeddings
-placed at p0 has, as mtmd-helper's set_position_mrope_2d writes them, (p0, p0 + row, p0 + col,
-0) for embedding i = row · nx + col, and the next token is at p0 + max(nx, ny). Causal mask
-(llama_kv_cache::set_input_kq_mask with a 2-D ubatch): a cell at sequential position p is
-visible to a token at p1 if p < p1, or if p == p1 and the cell's (row, col) is not after the
-token's in raster order.
+1/sqrt(d), SwiGLU. Text tokens have positions (p, p, p, 0) (llm_graph_input_pos::set_input: the
+4th section is 0, not p; Qwen2-VL's sections [.., .., .., 0] never read it); an image of nx ×
+ny embeddings placed at p0 has, as mtmd-helper's set_position_mrope_2d writes them, (p0, p0 +
+row, p0 + col, 0) for embedding i = row · nx + col, and the next token is at p0 + max(nx, ny).
+Causal mask (llama_kv_cache::set_input_kq_mask with a 2-D ubatch): a cell at sequential
+position p is visible to a token at p1 if p < p1, or if p == p1 and the cell's (row, col) is
+not after the token's in raster order.
 
 Qwen3-VL ("qwen3vl", src/models/qwen3vl.cpp): as Qwen2-VL but Q and K RMS-normed per head
 instead of biases, the sections interleaved (GGML_ROPE_TYPE_IMROPE: pair i takes section
@@ -26,8 +26,9 @@ i % 3 while i < 3 · that section's size), and DeepStack: input embeddings of n_
 Gemma 3 ("gemma3", src/models/gemma3.cpp): token embeddings scaled by sqrt(n_embd) (input
 embeddings are not), RMSNorm with the stored weight (the GGUF holds 1 + w), Q and K RMS-normed
 per head, RoPE NEOX with a base per layer kind, Q scaled by 1/sqrt(head_dim) before Q·K,
-post-attention and post-FFN norms, GELU (tanh form) FFN, tied output head, optional final
-logit soft-capping. Sliding layers (llama_hparams::set_swa_pattern) mask the cells with
+post-attention and post-FFN norms, GELU FFN (tanh form; by default through the CPU backend's
+f16 table, see gelu_fp16_table), tied output head, optional final logit soft-capping. An image
+chunk may be decoded non-causally (eval_embd(causal=False)), as mtmd does for Gemma 3. Sliding layers (llama_hparams::set_swa_pattern) mask the cells with
 p1 - p >= n_swa (LLAMA_SWA_TYPE_STANDARD): the window holds the token and its n_swa - 1
 predecessors. How large llama.cpp's SWA cache is (swa_full) changes which cells hold the
 window, not what the window holds: the reference keeps every cell.
