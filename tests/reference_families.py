@@ -25,13 +25,14 @@ i % 3 while i < 3 · that section's size), and DeepStack: input embeddings of n_
 
 Gemma 3 ("gemma3", src/models/gemma3.cpp): token embeddings scaled by sqrt(n_embd) (input
 embeddings are not), RMSNorm with the stored weight (the GGUF holds 1 + w), Q and K RMS-normed
-per head, RoPE NEOX with a base per layer kind, Q scaled by 1/sqrt(head_dim) before Q·K,
-post-attention and post-FFN norms, GELU FFN (tanh form; by default through the CPU backend's
-f16 table, see gelu_fp16_table), tied output head, optional final logit soft-capping. An image
-chunk may be decoded non-causally (eval_embd(causal=False)), as mtmd does for Gemma 3. Sliding layers (llama_hparams::set_swa_pattern) mask the cells with
-p1 - p >= n_swa (LLAMA_SWA_TYPE_STANDARD): the window holds the token and its n_swa - 1
-predecessors. How large llama.cpp's SWA cache is (swa_full) changes which cells hold the
-window, not what the window holds: the reference keeps every cell.
+per head, RoPE NEOX with a base per layer kind, Q scaled by 1/sqrt(head_dim) before Q·K, post-
+attention and post-FFN norms, GELU FFN (tanh form; by default through the CPU backend's f16
+table, see gelu_fp16_table), tied output head, optional final logit soft-capping. An image
+chunk may be decoded non-causally (eval_embd(causal=False)), as mtmd does for Gemma 3. Sliding
+layers (llama_hparams::set_swa_pattern) mask the cells with p1 - p >= n_swa
+(LLAMA_SWA_TYPE_STANDARD): the window holds the token and its n_swa - 1 predecessors. How large
+llama.cpp's SWA cache is (swa_full) changes which cells hold the window, not what the window
+holds: the reference keeps every cell.
 
 KVSmooth (SPEC §1, §4.1) as in reference_llama: for each smoothed token, in each smoothed layer
 (sliding or global alike), z over the probabilities that layer's mask admits, FIFO, rank, λ, and
