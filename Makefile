@@ -26,10 +26,11 @@ install:
 	$(PIP) install --no-build-isolation $(BACKEND_SETTINGS) .
 
 test:
-	@# the test, server and eval extras of pyproject.toml (the package itself is already installed)
+	@# the test, server, eval and ray extras of pyproject.toml (the package itself is already installed)
 	$(PIP) install "pytest>=7" "gguf>=0.10" "matplotlib>=3.5" \
 	    "uvicorn>=0.22" "fastapi>=0.100" "pydantic-settings>=2.0.1" "sse-starlette>=1.6.1" \
-	    "starlette-context>=0.3.6,<0.4" "nltk>=3.9.1" "openai>=1.0"
+	    "starlette-context>=0.3.6,<0.4" "nltk>=3.9.1" "openai>=1.0" \
+	    "ray[data]>=2.10"
 	@# from tests/: `python -m pytest` puts the working folder on sys.path, and the source
 	@# tree's pykvsmooth/ (without the built libraries) must not shadow the installed one
 	cd tests && $(PYTHON) -m pytest
