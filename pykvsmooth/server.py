@@ -70,6 +70,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"pykvsmooth.server needs the server extra: pip install 'pykvsmooth[server]' ({e})") from e
 
+from . import hub
 from .caption import add_kvsmooth_arguments, kvsmooth_from_args
 from .config import KVSmoothConfig
 from .llama import KVSmoothError, Llama
@@ -689,7 +690,9 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerConfig:
     """The server's configuration from the command line (and llama_cpp.server's environment
     variables, e.g. HOST, PORT, API_KEY); exits with a usage error naming a bad option."""
     parser = build_parser()
+    hub.add_hub_arguments(parser)  # -hf USER/MODEL[:QUANT], as llama.cpp: sets --model and --clip_model_path
     args = parser.parse_args(argv)
+    hub.resolve_args(args, model_dest="model", mmproj_dest="clip_model_path", parser=parser)
     try:
         kvsmooth = kvsmooth_from_args(args)
         server = parse_model_from_args(KVSmoothServerSettings, args)

@@ -245,3 +245,18 @@ def test_hub_errors_and_hf_file(fake_hub: FakeHub, tmp_path: Path, tiny_llava: T
     assert named.returncode == 0, named.stderr
     assert fake_hub.downloads() == [f"/tester/tiny-GGUF/resolve/{COMMIT}/tiny-f32.gguf"]
     assert json.loads((tmp_path / "n.jsonl").read_text())["settings"]["mmproj"] == tiny_llava.mmproj.name
+# --- the other tools --------------------------------------------------------------------------
+
+
+def test_server_takes_hf_repo(fake_hub: FakeHub, tmp_path: Path) -> None:
+    code = ("import json, sys\nfrom pykvsmooth.server import parse_args\n"
+            "model = parse_args(sys.argv[1:]).models[0]\n"
+            "print(json.dumps({'model': model.model, 'clip': model.clip_model_path}))\n")
+    env = hub_env(fake_hub, tmp_path / "hf")
+    got = run([sys.executable, "-c", code, "-hf", DEFAULT_REPO, "--chat_format", "llava-1-5"], env, tmp_path)
+    assert got.returncode == 0, got.stderr
+    paths = json.loads(got.stdout.strip().splitlines()[-1])
+    assert Path(paths["model"]).name == "llava-v1.5-7b-Q4_K_M.gguf" and Path(paths["model"]).is_file()
+    assert Path(paths["clip"]).name == "llava-v1.5-7b-mmproj-model-f16.gguf"
+    wrong = run([sys.executable, "-c", code, "-hf", f"{DEFAULT_REPO}:Q5_K_M"], env, tmp_path)
+    assert wrong.returncode == 1 and "quantization tag Q5_K_M" in wrong.stderr, wrong.stderr
