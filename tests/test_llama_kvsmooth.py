@@ -794,3 +794,90 @@ def test_paused_prompt_with_outputs_equals_unsmoothed_prompt(model: Model, workl
             assert _capi.llama_kvsmooth_trace_n(ctx) == len(prompt[:-1]) * len(params.layers)
         finally:
             batch.free()
+
+
+class _SeqParams(ctypes.Structure):
+    # struct llama_kvsmooth_seq_params { bool enabled; float lambda_ref; float window; enum llama_kvsmooth_mode mode; };
+    _fields_ = [("enabled", ctypes.c_bool), ("lambda_ref", ctypes.c_float), ("window", ctypes.c_float),
+                ("mode", ctypes.c_int)]
+
+
+def _set_seq(ctx: Any, seq: int, params: Params | None, enabled: bool = True) -> int:
+    fn = L._lib.llama_kvsmooth_set_seq
+    fn.argtypes, fn.restype = [L.llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(_SeqParams)], ctypes.c_int32
+    if params is None and enabled:
+        return int(fn(ctx, seq, None))
+    sp = _SeqParams(enabled, params.lambda_ref if params else 0.0, params.window if params else 0.0,
+                    MODES[params.mode] if params else 0)
+    return int(fn(ctx, seq, ctypes.byref(sp)))
+
+
+# seq 0 keeps the context's setting; seq 1 gets its own (same layer range and queue), or none
+PER_SEQ = [
+    pytest.param(Params(mode="fixed", lambda_ref=0.5, window=0.5, layer_start=0, layer_end=6), id="fixed-0.5"),
+    pytest.param(Params(mode="keys", lambda_ref=0.7, window=0.1, layer_start=0, layer_end=6), id="keys-0.7"),
+    pytest.param(None, id="off"),
+]
+
+
+@pytest.mark.parametrize("seq1", PER_SEQ)
+def test_sequences_with_their_own_settings_in_one_batch(model: Model, reference, seq1: Params | None) -> None:
+    """llama_kvsmooth_set_seq: two sequences with different settings decode in one batch and each
+    gets exactly what it gets alone with that setting as the context's (SPEC §2; llama-server's
+    per-request settings)."""
+    ctx_params = Params(mode="adaptive", lambda_ref=0.5, window=0.5, layer_start=0, layer_end=6)
+    prompts = [tokens(model.n_vocab, N_PROMPT, seed=1), tokens(model.n_vocab, 33, seed=3)]
+    gens = [tokens(model.n_vocab, 30, seed=2), tokens(model.n_vocab, 30, seed=4)]
+    settings = [ctx_params, seq1]
+    kw: dict[str, Any] = dict(n_seq_max=2)
+    alone = []
+    for seq in (0, 1):
+        with context(model, settings[seq], **kw) as ctx:
+            alone.append(run_native(ctx, model.n_vocab, prompts[seq], gens[seq], seq=seq))
+
+    rows: list[list[np.ndarray]] = [[], []]
+    traces: list[list[list[TraceRec]]] = [[], []]
+    with context(model, ctx_params, **kw) as ctx:
+        assert _set_seq(ctx, 1, seq1, enabled=seq1 is not None) == 0
+        assert _set_seq(ctx, 2, None) == _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM  # n_seq_max = 2
+        assert "seq_id" in _last_error(ctx)
+        batch = Batch(len(prompts[0]) + len(prompts[1]), n_seq_max=2)
+        try:
+            items = [(t, i, seq, i == len(p) - 1) for seq, p in enumerate(prompts) for i, t in enumerate(p)]
+            for step in range(1 + len(gens[0])):
+                if step:
+                    items = [(gens[seq][step - 1], len(prompts[seq]) + step - 1, seq, True) for seq in (0, 1)]
+                batch.decode(ctx, items)
+                out = [i for i, it in enumerate(items) if it[3]]
+                trace = read_trace(ctx)
+                for seq in (0, 1):
+                    rows[seq].append(logits_row(ctx, out[seq], model.n_vocab))
+                    traces[seq].append([r for r in trace if r.seq_id == seq])
+        finally:
+            batch.free()
+
+    for seq in (0, 1):
+        t, a = Run(np.array(rows[seq]), traces[seq]), alone[seq]
+        assert max_diff(t.logits, a.logits) <= TOGETHER_ATOL
+        assert [[(r.pos, r.layer, r.rank, r.lam, r.applied) for r in step] for step in t.trace] == \
+               [[(r.pos, r.layer, r.rank, r.lam, r.applied) for r in step] for step in a.trace]
+        if settings[seq] is None:
+            assert all(step == [] for step in t.trace)
+        else:
+            want = reference(settings[seq], prompts[seq], gens[seq])
+            assert max_diff(t.logits, want.logits) <= LOGIT_ATOL
+
+
+def test_set_seq_needs_kvsmooth_and_valid_values(model: Model) -> None:
+    with context(model, None) as ctx:
+        assert _set_seq(ctx, 0, None) == _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM
+        assert "llama_kvsmooth_set" in _last_error(ctx)
+    with context(model, VALID) as ctx:
+        bad = dataclasses.replace(VALID, lambda_ref=1.5)
+        assert _set_seq(ctx, 0, bad) == _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM
+        assert "lambda_ref" in _last_error(ctx)
+        sp = _SeqParams()
+        fn = L._lib.llama_kvsmooth_get_seq
+        fn.argtypes, fn.restype = [L.llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(_SeqParams)], ctypes.c_bool
+        assert fn(ctx, 0, ctypes.byref(sp))  # unchanged: the context's
+        assert sp.enabled and sp.lambda_ref == pytest.approx(VALID.lambda_ref) and sp.mode == MODES[VALID.mode]

@@ -42,6 +42,46 @@ static bool llama_kvsmooth_type_supported(ggml_type type) {
     return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 || type == GGML_TYPE_Q8_0;
 }
 
+// logs the reason of a refusal and keeps it for llama_kvsmooth_last_error; always false
+static bool llama_kvsmooth_vfail(int32_t * err, std::string * msg, int32_t code, const char * fmt, va_list args) {
+    char buf[1024];
+    vsnprintf(buf, sizeof(buf), fmt, args);
+    LLAMA_LOG_ERROR("llama_kvsmooth: %s\n", buf);
+    *msg = buf;
+    *err = code;
+    return false;
+}
+
+static bool llama_kvsmooth_fail(int32_t * err, std::string * msg, int32_t code, const char * fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    llama_kvsmooth_vfail(err, msg, code, fmt, args);
+    va_end(args);
+    return false;
+}
+
+// the values that do not depend on the model; the layer range is checked by llama_kvsmooth::create
+static bool llama_kvsmooth_check_params(const llama_kvsmooth_params & p, int32_t * err, std::string * msg) {
+    if (!std::isfinite(p.lambda_ref) || p.lambda_ref < 0.0f || p.lambda_ref > 1.0f) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid lambda_ref = %g: allowed values are [0, 1]", p.lambda_ref);
+    }
+    if (!std::isfinite(p.window) || p.window < 0.0f) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid window = %g: allowed values are >= 0", p.window);
+    }
+    if (p.queue < 1 || p.queue > GGML_KVSMOOTH_MAX_QUEUE) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid queue = %d: allowed values are [1, %d]", p.queue, GGML_KVSMOOTH_MAX_QUEUE);
+    }
+    if (!std::isfinite(p.eps) || p.eps < 0.0f || p.eps >= 1.0f) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid eps = %g: allowed values are [0, 1)", p.eps);
+    }
+    if (p.mode != LLAMA_KVSMOOTH_MODE_ADAPTIVE && p.mode != LLAMA_KVSMOOTH_MODE_FIXED && p.mode != LLAMA_KVSMOOTH_MODE_KEYS) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid mode = %d: allowed values are %d (adaptive), %d (fixed), %d (keys)", (int) p.mode,
+                LLAMA_KVSMOOTH_MODE_ADAPTIVE, LLAMA_KVSMOOTH_MODE_FIXED, LLAMA_KVSMOOTH_MODE_KEYS);
+    }
+
+    return true;
+}
+
 // the KV caches of a memory module that hold attention cells, base before sliding window; empty with
 // *why set when the memory has none that KVSmooth can smooth
 static std::vector<llama_kv_cache *> llama_kvsmooth_caches_of(llama_memory_i * mem, const char ** why) {
@@ -98,10 +138,61 @@ llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector
     n_slot(n_slot),
     caches(std::move(caches)),
     src_of(n_slot),
-    used(n_slot, 0) {
+    used(n_slot, 0),
+    seq_params(n_slot, llama_kvsmooth_seq_params { true, params.lambda_ref, params.window, params.mode }) {
     for (uint32_t s = 0; s < n_slot; ++s) {
         src_of[s] = (int32_t) s;
     }
+}
+
+void llama_kvsmooth::set_seq_setting(llama_seq_id seq_id, const llama_kvsmooth_seq_params & setting) {
+    seq_params[seq_id] = setting;
+
+    // a queue ranked under another setting says nothing about this one
+    reset(seq_id);
+}
+
+static bool llama_kvsmooth_same_setting(const llama_kvsmooth_seq_params & a, const llama_kvsmooth_seq_params & b) {
+    return a.enabled == b.enabled && a.lambda_ref == b.lambda_ref && a.window == b.window && a.mode == b.mode;
+}
+
+int32_t llama_kvsmooth::group_index(const std::vector<group> & groups, const llama_kvsmooth_seq_params & setting) {
+    if (!setting.enabled) {
+        return -1;
+    }
+    for (size_t g = 0; g < groups.size(); ++g) {
+        if (llama_kvsmooth_same_setting(groups[g].setting, setting)) {
+            return (int32_t) g;
+        }
+    }
+    return -1;
+}
+
+std::vector<llama_kvsmooth::group> llama_kvsmooth::groups_of(const llama_ubatch & ubatch) const {
+    // the sequences with generation-step tokens, lowest first
+    std::vector<int64_t> n_per_seq(n_slot, 0);
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        if (ubatch.output[i]) {
+            const llama_seq_id seq = ubatch.seq_id[i][0];
+            GGML_ASSERT(seq >= 0 && (uint32_t) seq < n_slot);
+            n_per_seq[seq]++;
+        }
+    }
+
+    std::vector<group> res;
+    for (uint32_t s = 0; s < n_slot; ++s) {
+        if (n_per_seq[s] == 0 || !seq_params[s].enabled) {
+            continue;
+        }
+        const int32_t g = group_index(res, seq_params[s]);
+        if (g < 0) {
+            res.push_back({ seq_params[s], n_per_seq[s] });
+        } else {
+            res[g].n_tokens += n_per_seq[s];
+        }
+    }
+
+    return res;
 }
 
 llama_kvsmooth::~llama_kvsmooth() {
@@ -117,16 +208,11 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         const llama_kvsmooth_params & params_in,
         int32_t * err,
         std::string * msg) {
-    // logs the reason and keeps it for llama_kvsmooth_last_error
     const auto fail = [err, msg](int32_t code, const char * fmt, ...) -> std::unique_ptr<llama_kvsmooth> {
-        char buf[1024];
         va_list args;
         va_start(args, fmt);
-        vsnprintf(buf, sizeof(buf), fmt, args);
+        llama_kvsmooth_vfail(err, msg, code, fmt, args);
         va_end(args);
-        LLAMA_LOG_ERROR("llama_kvsmooth_set: %s\n", buf);
-        *msg = buf;
-        *err = code;
         return nullptr;
     };
 
@@ -142,22 +228,10 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
     // parameters
     //
 
-    if (!std::isfinite(p.lambda_ref) || p.lambda_ref < 0.0f || p.lambda_ref > 1.0f) {
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid lambda_ref = %g: allowed values are [0, 1]", p.lambda_ref);
+    if (!llama_kvsmooth_check_params(p, err, msg)) {
+        return nullptr;
     }
-    if (!std::isfinite(p.window) || p.window < 0.0f) {
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid window = %g: allowed values are >= 0", p.window);
-    }
-    if (p.queue < 1 || p.queue > GGML_KVSMOOTH_MAX_QUEUE) {
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid queue = %d: allowed values are [1, %d]", p.queue, GGML_KVSMOOTH_MAX_QUEUE);
-    }
-    if (!std::isfinite(p.eps) || p.eps < 0.0f || p.eps >= 1.0f) {
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid eps = %g: allowed values are [0, 1)", p.eps);
-    }
-    if (p.mode != LLAMA_KVSMOOTH_MODE_ADAPTIVE && p.mode != LLAMA_KVSMOOTH_MODE_FIXED && p.mode != LLAMA_KVSMOOTH_MODE_KEYS) {
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid mode = %d: allowed values are %d (adaptive), %d (fixed), %d (keys)", (int) p.mode,
-                LLAMA_KVSMOOTH_MODE_ADAPTIVE, LLAMA_KVSMOOTH_MODE_FIXED, LLAMA_KVSMOOTH_MODE_KEYS);
-    }
+
     if (p.layer_start < -1 || p.layer_end < -1) {
         return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid layer range [%d, %d): allowed values are -1 (default) or 0 <= layer_start < layer_end <= n_layer = %d",
                 p.layer_start, p.layer_end, n_layer);
@@ -526,11 +600,11 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
         }
     }
 
-    col_seq.clear();
-    col_pos.clear();
+    col_seq.assign(groups.size(), {});
+    col_pos.assign(groups.size(), {});
 
     const bool any_ids = std::any_of(parts.begin(), parts.end(), [](const cache_ids & part) {
-        return part.ids != nullptr && part.ids->buffer != nullptr;
+        return part.ids->buffer != nullptr;
     });
 
     if (!any_ids) {
@@ -540,29 +614,40 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
 
     const uint32_t n_tokens = ubatch->n_tokens;
 
-    // the generation-step tokens, in the order the op updates a slot: by sequence, then position
-    std::vector<uint32_t> outputs;
+    // the generation-step tokens of each group, in the order the op updates a slot: by sequence, then position
+    std::vector<std::vector<uint32_t>> outputs(groups.size());
     for (uint32_t i = 0; i < n_tokens; ++i) {
         if (ubatch->output[i]) {
-            outputs.push_back(i);
+            const int32_t g = llama_kvsmooth::group_index(groups, ks->seq_setting(ubatch->seq_id[i][0]));
+            if (g >= 0) {
+                outputs[g].push_back(i);
+            }
         }
     }
 
-    std::stable_sort(outputs.begin(), outputs.end(), [ubatch](uint32_t a, uint32_t b) {
-        const llama_seq_id sa = ubatch->seq_id[a][0];
-        const llama_seq_id sb = ubatch->seq_id[b][0];
-        return sa != sb ? sa < sb : ubatch->pos[a] < ubatch->pos[b];
-    });
+    for (size_t g = 0; g < groups.size(); ++g) {
+        // can_reuse compared the groups with this ubatch's
+        GGML_ASSERT((int64_t) outputs[g].size() == groups[g].n_tokens);
+
+        std::stable_sort(outputs[g].begin(), outputs[g].end(), [ubatch](uint32_t a, uint32_t b) {
+            const llama_seq_id sa = ubatch->seq_id[a][0];
+            const llama_seq_id sb = ubatch->seq_id[b][0];
+            return sa != sb ? sa < sb : ubatch->pos[a] < ubatch->pos[b];
+        });
+    }
 
     ks->apply_pending(sched);
 
     for (const cache_ids & part : parts) {
-        if (part.ids == nullptr || part.ids->buffer == nullptr) {
+        if (part.ids->buffer == nullptr) {
             continue;
         }
 
         GGML_ASSERT(ggml_backend_buffer_is_host(part.ids->buffer));
-        GGML_ASSERT((int64_t) outputs.size() == part.ids->ne[1]);
+
+        const std::vector<uint32_t> & outs = outputs[part.group];
+
+        GGML_ASSERT((int64_t) outs.size() == part.ids->ne[1]);
 
         const llama_kv_cache            * kv    = part.mctx->get_kv();
         const llama_kv_cache::slot_info & sinfo = part.mctx->get_sinfo();
@@ -577,13 +662,11 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
 
         int32_t * data = (int32_t *) part.ids->data;
 
-        for (size_t j = 0; j < outputs.size(); ++j) {
-            const uint32_t i = outputs[j];
+        for (size_t j = 0; j < outs.size(); ++j) {
+            const uint32_t i = outs[j];
 
             const llama_seq_id seq = ubatch->seq_id[i][0];
             const llama_pos    pos = ubatch->pos[i];
-
-            GGML_ASSERT(seq >= 0 && (uint32_t) seq < ks->n_slot);
 
             const uint32_t strm = i / n_tps;
             const uint32_t ii   = i % n_tps;
@@ -615,11 +698,13 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
         return;
     }
 
-    for (uint32_t i : outputs) {
-        ks->mark_used(ubatch->seq_id[i][0]);
+    for (size_t g = 0; g < groups.size(); ++g) {
+        for (uint32_t i : outputs[g]) {
+            ks->mark_used(ubatch->seq_id[i][0]);
 
-        col_seq.push_back(ubatch->seq_id[i][0]);
-        col_pos.push_back(ubatch->pos[i]);
+            col_seq[g].push_back(ubatch->seq_id[i][0]);
+            col_pos[g].push_back(ubatch->pos[i]);
+        }
     }
 }
 
@@ -628,6 +713,17 @@ bool llm_graph_input_kvsmooth::can_reuse(const llm_graph_params & params) {
 
     if (params.kvsmooth != ks) {
         return false;
+    }
+
+    const std::vector<llama_kvsmooth::group> groups_new = ks->groups_of(params.ubatch);
+
+    if (groups_new.size() != groups.size()) {
+        return false;
+    }
+    for (size_t g = 0; g < groups.size(); ++g) {
+        if (!llama_kvsmooth_same_setting(groups[g].setting, groups_new[g].setting) || groups[g].n_tokens != groups_new[g].n_tokens) {
+            return false;
+        }
     }
 
     const std::vector<const llama_kv_cache_context *> mctxs = llama_kvsmooth_contexts_of(params.mctx);
@@ -647,59 +743,76 @@ bool llm_graph_input_kvsmooth::can_reuse(const llm_graph_params & params) {
     return true;
 }
 
-ggml_tensor * llm_graph_input_kvsmooth::get_ids(ggml_context * ctx0, const llama_kv_cache_context * mctx_cur, int64_t n_outputs) {
+ggml_tensor * llm_graph_input_kvsmooth::get_ids(ggml_context * ctx0, const llama_kv_cache_context * mctx_cur, size_t g) {
     for (const cache_ids & part : parts) {
-        if (part.mctx->get_kv() == mctx_cur->get_kv()) {
+        if (part.group == g && part.mctx->get_kv() == mctx_cur->get_kv()) {
             return part.ids;
         }
     }
 
-    ggml_tensor * ids = ggml_new_tensor_2d(ctx0, GGML_TYPE_I32, 5, n_outputs);
+    ggml_tensor * ids = ggml_new_tensor_2d(ctx0, GGML_TYPE_I32, 5, groups[g].n_tokens);
     ggml_set_input(ids);
     ggml_format_name(ids, "kvsmooth_ids-%zu", parts.size());
 
-    parts.push_back({ mctx_cur, ids });
+    parts.push_back({ mctx_cur, g, ids });
 
     return ids;
 }
 
 void llm_graph_input_kvsmooth::read_trace() {
-    if (results.empty() || col_seq.empty()) {
+    if (results.empty() || ks->paused) {
         return;
     }
 
     // the only synchronisation KVSmooth adds to a step, and only with tracing on
     ggml_backend_sched_synchronize(sched);
 
-    const size_t n = col_seq.size();
+    std::vector<llama_kvsmooth_trace_record> recs;
 
-    std::vector<std::vector<float>> data(results.size());
+    for (size_t g = 0; g < groups.size(); ++g) {
+        const size_t n = col_seq[g].size();
+        if (n == 0) {
+            continue;
+        }
 
-    for (size_t l = 0; l < results.size(); ++l) {
-        ggml_tensor * t = results[l].second;
+        std::vector<std::pair<int32_t, std::vector<float>>> data;
 
-        GGML_ASSERT((size_t) t->ne[1] == n);
+        for (const result & r : results) {
+            if (r.group != g) {
+                continue;
+            }
 
-        data[l].resize(4*n);
-        ggml_backend_tensor_get(t, data[l].data(), 0, 4*n*sizeof(float));
-    }
+            GGML_ASSERT((size_t) r.t->ne[1] == n);
 
-    for (size_t j = 0; j < n; ++j) {
-        for (size_t l = 0; l < results.size(); ++l) {
-            const float * r = data[l].data() + 4*j;
+            std::vector<float> d(4*n);
+            ggml_backend_tensor_get(r.t, d.data(), 0, 4*n*sizeof(float));
+            data.emplace_back(r.layer, std::move(d));
+        }
 
-            llama_kvsmooth_trace_record rec;
-            rec.seq_id  = col_seq[j];
-            rec.pos     = col_pos[j];
-            rec.layer   = results[l].first;
-            rec.z       = r[0];
-            rec.lambda  = r[1];
-            rec.rank    = (int32_t) r[2];
-            rec.applied = r[3] != 0.0f;
+        for (size_t j = 0; j < n; ++j) {
+            for (const auto & [layer, d] : data) {
+                const float * r = d.data() + 4*j;
 
-            ks->trace.push_back(rec);
+                llama_kvsmooth_trace_record rec;
+                rec.seq_id  = col_seq[g][j];
+                rec.pos     = col_pos[g][j];
+                rec.layer   = layer;
+                rec.z       = r[0];
+                rec.lambda  = r[1];
+                rec.rank    = (int32_t) r[2];
+                rec.applied = r[3] != 0.0f;
+
+                recs.push_back(rec);
+            }
         }
     }
+
+    // by token (sequence, position), then layer, whatever the groups
+    std::stable_sort(recs.begin(), recs.end(), [](const llama_kvsmooth_trace_record & a, const llama_kvsmooth_trace_record & b) {
+        return a.seq_id != b.seq_id ? a.seq_id < b.seq_id : a.pos < b.pos;
+    });
+
+    ks->trace.insert(ks->trace.end(), recs.begin(), recs.end());
 }
 
 //
@@ -722,66 +835,71 @@ void llm_graph_context::build_kvsmooth(
     // the input takes part in every graph while KVSmooth is on, op nodes or not: its set_input also
     // sees the prompt tokens that reset the queues
     if (inp_kvsmooth == nullptr) {
-        auto inp_ks = std::make_unique<llm_graph_input_kvsmooth>(kvsmooth, sched);
+        auto inp_ks = std::make_unique<llm_graph_input_kvsmooth>(kvsmooth, sched, kvsmooth->groups_of(ubatch));
 
         inp_kvsmooth = (llm_graph_input_kvsmooth *) res->add_input(std::move(inp_ks));
     }
 
     ggml_tensor * state = kvsmooth->get_state(il);
 
-    if (state == nullptr || n_outputs == 0) {
+    if (state == nullptr) {
         return;
     }
 
-    ggml_tensor * ids = inp_kvsmooth->get_ids(ctx0, mctx_cur, n_outputs);
-
     const auto & p = kvsmooth->params;
 
-    const auto mode    = (ggml_kvsmooth_mode) p.mode;
     const bool v_trans = v->nb[1] > v->nb[2];
 
-    ggml_tensor * cur;
+    for (size_t g = 0; g < inp_kvsmooth->groups.size(); ++g) {
+        const llama_kvsmooth_seq_params & setting = inp_kvsmooth->groups[g].setting;
 
-    if (kq) {
-        cur = ggml_kvsmooth(ctx0, kq, k, v, ids, state, kqv_out,
-                p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
-    } else {
-        // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
-        cur = ggml_kvsmooth_ext(ctx0, q, k, v, kq_mask, ids, state, kqv_out,
-                kq_scale, hparams.f_max_alibi_bias, hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
-                p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
-        ggml_kvsmooth_add_sinks(cur, sinks);
-    }
+        ggml_tensor * ids = inp_kvsmooth->get_ids(ctx0, mctx_cur, g);
 
-    cb(cur, "kvsmooth", il);
+        const auto mode = (ggml_kvsmooth_mode) setting.mode;
 
-    if (p.trace) {
-        ggml_set_output(cur);
-    }
+        ggml_tensor * cur;
 
-    // the op writes the cache rows and the state in place, so it must run on a backend that uses
-    // their buffer directly: a copy on another backend would be updated and thrown away
-    {
-        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(state->buffer);
-
-        ggml_backend_t backend = nullptr;
-        for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
-            ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
-            if (ggml_backend_supports_buft(b, buft) && ggml_backend_supports_op(b, cur)) {
-                backend = b;
-                break;
-            }
+        if (kq) {
+            cur = ggml_kvsmooth(ctx0, kq, k, v, ids, state, kqv_out,
+                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+        } else {
+            // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
+            cur = ggml_kvsmooth_ext(ctx0, q, k, v, kq_mask, ids, state, kqv_out,
+                    kq_scale, hparams.f_max_alibi_bias, hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
+                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+            ggml_kvsmooth_add_sinks(cur, sinks);
         }
 
-        // llama_kvsmooth::create() checked the device
-        GGML_ASSERT(backend != nullptr);
+        cb(cur, "kvsmooth", il);
 
-        ggml_backend_sched_set_tensor_backend(sched, cur, backend);
+        if (p.trace) {
+            ggml_set_output(cur);
+        }
+
+        // the op writes the cache rows and the state in place, so it must run on a backend that uses
+        // their buffer directly: a copy on another backend would be updated and thrown away
+        {
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(state->buffer);
+
+            ggml_backend_t backend = nullptr;
+            for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+                ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+                if (ggml_backend_supports_buft(b, buft) && ggml_backend_supports_op(b, cur)) {
+                    backend = b;
+                    break;
+                }
+            }
+
+            // llama_kvsmooth::create() checked the device
+            GGML_ASSERT(backend != nullptr);
+
+            ggml_backend_sched_set_tensor_backend(sched, cur, backend);
+        }
+
+        ggml_build_forward_expand(gf, cur);
+
+        inp_kvsmooth->results.push_back({ il, g, cur });
     }
-
-    ggml_build_forward_expand(gf, cur);
-
-    inp_kvsmooth->results.emplace_back(il, cur);
 }
 
 //
@@ -843,6 +961,56 @@ bool llama_kvsmooth_get_params(const llama_context * ctx, llama_kvsmooth_params 
     }
 
     *out = ks->params;
+
+    return true;
+}
+
+int32_t llama_kvsmooth_set_seq(llama_context * ctx, llama_seq_id seq_id, const llama_kvsmooth_seq_params * params) {
+    llama_kvsmooth * ks = ctx->get_kvsmooth();
+
+    const auto fail = [ctx](const std::string & text) {
+        LLAMA_LOG_ERROR("llama_kvsmooth_set_seq: %s\n", text.c_str());
+        ctx->kvsmooth_error = text;
+        return LLAMA_KVSMOOTH_ERR_INVALID_PARAM;
+    };
+
+    if (ks == nullptr) {
+        return fail("KVSmooth is not enabled on this context: call llama_kvsmooth_set first");
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= ks->n_slot) {
+        return fail("invalid seq_id = " + std::to_string(seq_id) + ": allowed values are [0, n_seq_max = " + std::to_string(ks->n_slot) + ")");
+    }
+
+    llama_kvsmooth_seq_params setting { true, ks->params.lambda_ref, ks->params.window, ks->params.mode };
+
+    if (params) {
+        setting = *params;
+
+        // the same checks as llama_kvsmooth_set, for the fields a sequence may choose
+        llama_kvsmooth_params full = ks->params;
+        full.lambda_ref = setting.lambda_ref;
+        full.window     = setting.window;
+        full.mode       = setting.mode;
+
+        int32_t err = 0;
+        if (setting.enabled && !llama_kvsmooth_check_params(full, &err, &ctx->kvsmooth_error)) {
+            return err;
+        }
+    }
+
+    ks->set_seq_setting(seq_id, setting);
+    ctx->kvsmooth_error.clear();
+
+    return 0;
+}
+
+bool llama_kvsmooth_get_seq(const llama_context * ctx, llama_seq_id seq_id, llama_kvsmooth_seq_params * out) {
+    const llama_kvsmooth * ks = ctx->get_kvsmooth();
+    if (ks == nullptr || seq_id < 0 || (uint32_t) seq_id >= ks->n_slot || out == nullptr) {
+        return false;
+    }
+
+    *out = ks->seq_setting(seq_id);
 
     return true;
 }

@@ -80,6 +80,22 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     // the slot of seq_id received a smoothed token: its queues may now hold values
     void mark_used(llama_seq_id seq_id);
 
+    // the setting of seq_id's tokens (llama_kvsmooth_set_seq; the context's by default)
+    const llama_kvsmooth_seq_params & seq_setting(llama_seq_id seq_id) const { return seq_params[seq_id]; }
+    void set_seq_setting(llama_seq_id seq_id, const llama_kvsmooth_seq_params & setting);
+
+    // The op nodes a ubatch needs in each smoothed layer: one per distinct setting among the sequences of
+    // its generation-step tokens (disabled sequences have none), ordered by their lowest sequence id,
+    // each with its number of tokens. Part of the graph's topology, so can_reuse compares it.
+    struct group {
+        llama_kvsmooth_seq_params setting;
+        int64_t                   n_tokens;
+    };
+    std::vector<group> groups_of(const llama_ubatch & ubatch) const;
+
+    // the group of seq_id in groups, -1 if its tokens are not smoothed
+    static int32_t group_index(const std::vector<group> & groups, const llama_kvsmooth_seq_params & setting);
+
     const llama_kvsmooth_params params;  // layer range resolved
     const uint64_t              id;      // unique per configuration, part of the graph reuse key
     const uint32_t              n_slot;  // sequence slots (n_seq_max); state column n_slot is the scratch slot
@@ -110,56 +126,70 @@ private:
     // used[s]: the device column of slot s may hold values (false: its count is known to be 0)
     std::vector<uint8_t> used;
 
+    std::vector<llama_kvsmooth_seq_params> seq_params; // [n_slot]
+
     bool connected = false;
 };
 
 // Per ubatch: which tokens are smoothed, in which cells, and the previous cell of each.
 //
-// The generation-step tokens of SPEC §2 are the ubatch tokens with output requested. For each, in the
-// order (sequence, position), column j of a cache's ids is (index in its stream, stream, cell, previous
-// cell or -1, slot = seq_id). The previous cell holds the sequence's greatest position below the
-// token's in that cache (pos - 1 for ordinary positions; M-RoPE caches store the sequential position,
-// dimension 0), read from the cache's cell metadata on the host: set_input costs no device
-// synchronisation. A token that belongs to several sequences is smoothed for its first one. In a paused
-// decode every column goes to the scratch slot with no previous cell: nothing is blended.
+// The generation-step tokens of SPEC §2 are the ubatch tokens with output requested. They are grouped by
+// their sequence's setting (llama_kvsmooth::groups_of): each group is one op node per layer with its own
+// lambda_ref, window and mode. For each token of a group, in the order (sequence, position), column j of
+// the group's ids for a cache is (index in its stream, stream, cell, previous cell or -1, slot = seq_id).
+// The previous cell holds the sequence's greatest position below the token's in that cache (pos - 1 for
+// ordinary positions; M-RoPE caches store the sequential position, dimension 0), read from the cache's
+// cell metadata on the host: set_input costs no device synchronisation. A token that belongs to several
+// sequences is smoothed for its first one. In a paused decode every column goes to the scratch slot with
+// no previous cell: nothing is blended.
 //
-// One ids tensor per KV cache (iSWA memory has two, with their own cells); the columns are the same
-// tokens in the same order in each, so every layer's result column j is the same token.
+// One ids tensor per (KV cache, group): iSWA memory has two caches with their own cells; the columns of
+// a group are the same tokens in the same order in each, so every layer's result column j of a group is
+// the same token.
 class llm_graph_input_kvsmooth : public llm_graph_input_i {
 public:
     llm_graph_input_kvsmooth(
             llama_kvsmooth * ks,
-            ggml_backend_sched_t sched) : ks(ks), sched(sched) {}
+            ggml_backend_sched_t sched,
+            std::vector<llama_kvsmooth::group> groups) : ks(ks), sched(sched), groups(std::move(groups)) {}
 
     ~llm_graph_input_kvsmooth() = default;
 
     void set_input(const llama_ubatch * ubatch) override;
 
-    // the ids depend only on n_outputs, which llm_graph_params::allow_reuse already compares, and the
-    // configuration is compared through llm_graph_params::kvsmooth_id; the cache contexts are taken
-    // from the new memory context
+    // the configuration is compared through llm_graph_params::kvsmooth_id and the groups (settings and
+    // token counts) here; the cache contexts are taken from the new memory context
     bool can_reuse(const llm_graph_params & params) override;
 
     // copy the op results of the graph that just ran into ks->trace
     void read_trace();
 
-    // the ids of the layers whose cache mctx_cur is a context of, created on first use
-    ggml_tensor * get_ids(ggml_context * ctx0, const llama_kv_cache_context * mctx_cur, int64_t n_outputs);
+    // the ids of group g in the layers whose cache mctx_cur is a context of, created on first use
+    ggml_tensor * get_ids(ggml_context * ctx0, const llama_kv_cache_context * mctx_cur, size_t g);
 
     struct cache_ids {
         const llama_kv_cache_context * mctx;
-        ggml_tensor                  * ids; // I32 [5, n_outputs]
+        size_t                         group;
+        ggml_tensor                  * ids; // I32 [5, groups[group].n_tokens]
+    };
+
+    struct result {
+        int32_t       layer;
+        size_t        group;
+        ggml_tensor * t;     // F32 [4, groups[group].n_tokens]
     };
 
     std::vector<cache_ids> parts;
 
-    std::vector<std::pair<int32_t, ggml_tensor *>> results; // (layer, F32 [4, n_outputs])
+    std::vector<result> results;
 
     llama_kvsmooth * ks;
 
     ggml_backend_sched_t sched;
 
-    // sequence and position of each column of ids, as of the last set_input; empty when paused
-    std::vector<llama_seq_id> col_seq;
-    std::vector<llama_pos>    col_pos;
+    const std::vector<llama_kvsmooth::group> groups;
+
+    // sequence and position of each column of each group's ids, as of the last set_input; empty when paused
+    std::vector<std::vector<llama_seq_id>> col_seq;
+    std::vector<std::vector<llama_pos>>    col_pos;
 };
