@@ -260,3 +260,26 @@ def test_server_takes_hf_repo(fake_hub: FakeHub, tmp_path: Path) -> None:
     assert Path(paths["clip"]).name == "llava-v1.5-7b-mmproj-model-f16.gguf"
     wrong = run([sys.executable, "-c", code, "-hf", f"{DEFAULT_REPO}:Q5_K_M"], env, tmp_path)
     assert wrong.returncode == 1 and "quantization tag Q5_K_M" in wrong.stderr, wrong.stderr
+
+
+def test_eval_generate_takes_hf_repo(fake_hub: FakeHub, tmp_path: Path) -> None:
+    images = photos(tmp_path / "val2014", 1)
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "p0.png", "width": 64, "height": 48}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1}],
+        "categories": [{"id": 1, "name": "dog"}]}), encoding="utf-8")
+    env = hub_env(fake_hub, tmp_path / "hf")
+    cmd = [sys.executable, "-m", "pykvsmooth.eval", "generate", "--images", str(images), "--instances",
+           str(instances), "--out", str(tmp_path / "runs"), "--n-images", "1", "--settings", "baseline",
+           "--max-tokens", "4"]
+    got = run([*cmd, "-hf", DEFAULT_REPO], env, tmp_path)
+    assert got.returncode == 0, got.stderr
+    manifest = json.loads((tmp_path / "runs" / "run.json").read_text(encoding="utf-8"))
+    assert manifest["model"]["file"] == "llava-v1.5-7b-Q4_K_M.gguf"
+    assert manifest["mmproj"]["file"] == "llava-v1.5-7b-mmproj-model-f16.gguf"
+    assert (tmp_path / "runs" / "baseline.jsonl").read_text(encoding="utf-8").strip()
+    wrong = run([*cmd, "-hf", f"{DEFAULT_REPO}:Q5_K_M"], env, tmp_path)
+    assert wrong.returncode == 1 and "quantization tag Q5_K_M" in wrong.stderr, wrong.stderr
+    neither = run(cmd, env, tmp_path)
+    assert neither.returncode == 1 and "give --model and --mmproj, or -hf" in neither.stderr, neither.stderr

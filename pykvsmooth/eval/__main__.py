@@ -21,9 +21,11 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     """``generate``'s options (models, data, decoding, and the KVSmooth flags every tool has)."""
     from ..caption import add_kvsmooth_arguments
     from ..config import KVSmoothConfig
+    from ..hub import add_hub_arguments
 
-    g.add_argument("--model", required=True, help="language model GGUF")
-    g.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
+    g.add_argument("--model", "-m", help="language model GGUF (or -hf USER/MODEL[:QUANT])")
+    g.add_argument("--mmproj", "-mm", help="vision projector (mmproj) GGUF (-hf finds it in the repository)")
+    add_hub_arguments(g)
     g.add_argument("--images", required=True, help="COCO val2014 image folder")
     g.add_argument("--instances", required=True, help="instances_val2014.json")
     g.add_argument("--captions", help="captions_val2014.json (recorded for `report`)")
@@ -81,7 +83,15 @@ def check_kvsmooth_settings(settings: tuple[Any, ...], params: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from ..hub import HubError, resolve_args
     from .generate import PROMPT, GenerateOptions, KVSmoothParams, run
+
+    try:
+        resolve_args(args)  # -hf: the repository's model and mmproj, from the hub or its cache
+    except HubError as e:
+        raise EvalError(str(e)) from None
+    if not args.model or not args.mmproj:
+        raise EvalError("give --model and --mmproj, or -hf USER/MODEL[:QUANT]")
 
     layer_start, layer_end = args.kvsmooth_layers
     kvsmooth = KVSmoothParams(
