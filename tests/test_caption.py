@@ -395,3 +395,36 @@ def test_chat_format_auto_and_generic_mtmd_handler(models: Dict[str, Path], phot
     assert g["settings"]["chat_format"] == "mtmd" and g["caption"]
     # the model's own (Vicuna) template is shorter than llama-cpp-python's LLaVA-1.5 prompt
     assert g["timings"]["prompt_tokens"] < a["timings"]["prompt_tokens"]
+
+
+def test_handler_choice_and_llama_cpp_message_joining(tmp_path: Path, tiny_llava: TinyLlava) -> None:
+    import gguf
+
+    from pykvsmooth import handlers
+
+    def write_meta(path: Path, values: Dict[str, str]) -> Path:
+        w = gguf.GGUFWriter(str(path), "clip")
+        for key, value in values.items():
+            w.add_string(key, value)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    gemma = write_meta(tmp_path / "mmproj-gemma.gguf", {"clip.projector_type": "gemma3"})
+    no_template = write_meta(tmp_path / "text.gguf", {"general.name": "no template"})
+    assert handlers.gguf_metadata(gemma, ["clip.projector_type"]) == {"clip.projector_type": "gemma3"}
+    assert handlers.choose_chat_format(tiny_llava.text, tiny_llava.mmproj) == "llava-1-5"
+    assert handlers.choose_chat_format(tiny_llava.text, gemma) == "mtmd"  # the GGUF's own template
+    with pytest.raises(ValueError, match="has no chat template .* name the prompt format with --chat-format"):
+        handlers.choose_chat_format(no_template, gemma)
+    (tmp_path / "junk.gguf").write_bytes(b"not gguf at all")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        handlers.gguf_metadata(tmp_path / "junk.gguf", ["x"])
+    # as llama.cpp's common/chat.cpp: parts joined by newlines, none next to a media marker
+    message = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}},
+                                           {"type": "text", "text": "b"}, {"type": "text", "text": "c"}]}
+    assert handlers._join_parts(dict(message), "<M>")["content"] == "a<M>b\nc"
+    text_only = {"role": "user", "content": [{"type": "text", "text": "a"}]}
+    assert handlers._join_parts(dict(text_only), "<M>") == text_only  # no image: left as it is
