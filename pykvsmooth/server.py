@@ -89,6 +89,8 @@ DEFAULT_MAX_REQUEST_BYTES = 50 * 1024 * 1024  # as OpenAI's API: a few images as
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 FLAG_MAX_REQUEST_BYTES = "--max-request-bytes"
 FLAG_MAX_TOKENS_LIMIT = "--max-tokens-limit"
+# images read and decoded at once, over all requests (each up to --max-image-pixels of RGB)
+MEDIA_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,12 @@ def _refusal(error: Exception) -> Optional[RequestRefused]:
 
 
 def _stream_error(error: BaseException) -> Dict[str, Any]:
+    if isinstance(error, Exception) and not isinstance(error, RequestRefused):
+        if isinstance(error, ValueError) and "exceed context window" in str(error):
+            # llama_cpp.server answers this one with 400 outside a stream
+            error = RequestRefused(str(error), param="messages", code="context_length_exceeded")
+        else:
+            error = _refusal(error) or error
     if isinstance(error, RequestRefused):
         return error.body()
     print(f"Exception: {error}", file=sys.stderr)  # as llama_cpp.server does for its 500s
@@ -461,6 +469,7 @@ class RequestPolicyMiddleware:
         self.kvsmooth = kvsmooth
         self.media = media
         self.limits = limits
+        self._workers: Optional[anyio.CapacityLimiter] = None  # made in the event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -566,7 +575,9 @@ class RequestPolicyMiddleware:
                 if not isinstance(url, str):
                     raise MediaError("an image_url part needs a URL: {\"type\": \"image_url\", "
                                      "\"image_url\": {\"url\": \"data:image/png;base64,…\"}}")
-                image = await anyio.to_thread.run_sync(self.media.load, url)
+                if self._workers is None:
+                    self._workers = anyio.CapacityLimiter(MEDIA_WORKERS)
+                image = await anyio.to_thread.run_sync(self.media.load, url, limiter=self._workers)
                 if not url.startswith("data:"):
                     uri = image.data_uri()
                     if isinstance(ref, dict):
@@ -610,12 +621,13 @@ def create_app(server_settings: ServerSettings, model_settings: List[ModelSettin
     app = FastAPI(middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))],
                   title="pykvsmooth (llama.cpp Python API with KVSmooth)", version=llama_cpp.__version__,
                   root_path=server_settings.root_path)
+    # inside CORS (added last, outermost), so that refusals carry its headers too
+    app.add_middleware(RequestPolicyMiddleware, api_key=server_settings.api_key,
+                       kvsmooth=kvsmooth, media=media, limits=limits)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
                        allow_headers=["*"])
     app.include_router(_app.router)
     app.add_exception_handler(RequestRefused, _refused_response)
-    app.add_middleware(RequestPolicyMiddleware, api_key=server_settings.api_key,
-                       kvsmooth=kvsmooth, media=media, limits=limits)
     return app
 
 

@@ -468,6 +468,15 @@ def test_twenty_bad_requests_then_a_good_one(server: Server, fixture_dir: Path) 
         kwargs, message = bad[i % len(bad)]
         kwargs = dict(kwargs)
         assert message in refused(server, **kwargs), kwargs
+    # a completion longer than the context: llama_cpp.server's 400, or the stream's error event
+    import openai
+
+    long_prompt = {"model": MODEL, "prompt": "the image " * N_CTX, "max_tokens": 4}
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 1024 tokens"):
+        client(server).completions.create(**long_prompt)
+    with pytest.raises(openai.APIError, match=r"Requested tokens \(\d+\) exceed context window of 1024"):
+        for _ in client(server).completions.create(stream=True, **long_prompt):
+            pass
     assert chat(server, uri) == expected(fixture_dir, 0.9)
     assert chat(server, uri, stream=True) == expected(fixture_dir, 0.9)
     assert server.proc.poll() is None
