@@ -600,3 +600,13 @@ def test_body_limit_counts_the_bytes_received() -> None:
     sent = asyncio.run(post_chunks([b"12345", b"678901"]))
     assert sent[0]["status"] == 413 and b"--max-request-bytes" in sent[1]["body"] and not reached
     assert asyncio.run(post_chunks([b"12345", b"67890"])) == [] and reached[0]["body"] == b"1234567890"
+
+
+def test_listening_on_a_network_without_a_key_warns(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "pykvsmooth.server", "--model", str(tmp_path / "missing.gguf"),
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert "warning: listening on 0.0.0.0 without --api-key" in run.stderr
+    assert run.returncode == 1 and "pykvsmooth.server: error: Model path does not exist" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-m", "pykvsmooth.server", "--model", str(tmp_path / "missing.gguf"),
+                          "--host", "0.0.0.0", "--api-key", "k"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "warning" not in run.stderr, run.stderr
