@@ -15,7 +15,7 @@ else
   $(error GPU must be empty, cuda or metal, not '$(GPU)')
 endif
 
-.PHONY: install test cuda-check check-patches bench clean
+.PHONY: install test lint cuda-check check-patches bench clean
 
 install:
 	$(PIP) install "scikit-build-core>=0.10" "cmake>=3.21" ninja
@@ -27,13 +27,20 @@ install:
 	$(PIP) install --no-build-isolation $(BACKEND_SETTINGS) .
 
 test:
-	@# the test and server extras of pyproject.toml (the package itself is already installed)
+	@# the test, server, eval and ray extras of pyproject.toml (the package itself is already installed)
 	$(PIP) install "pytest>=7" "gguf>=0.10" "matplotlib>=3.5" \
 	    "uvicorn>=0.22" "fastapi>=0.100" "pydantic-settings>=2.0.1" "sse-starlette>=1.6.1" \
-	    "starlette-context>=0.3.6,<0.4"
+	    "starlette-context>=0.3.6,<0.4" "nltk>=3.9.1" "openai>=1.0" \
+	    "ray[data]>=2.10"
 	@# from tests/: `python -m pytest` puts the working folder on sys.path, and the source
 	@# tree's pykvsmooth/ (without the built libraries) must not shadow the installed one
 	cd tests && $(PYTHON) -m pytest
+
+# ruff on the Python sources, mypy --strict on the package (settings: pyproject.toml)
+lint:
+	$(PIP) install "ruff>=0.6" "mypy>=1.11"
+	$(PYTHON) -m ruff check pykvsmooth tests scripts
+	$(PYTHON) -m mypy
 
 # Compile (only) every CUDA source the series adds or changes, for sm_75/86/89.
 cuda-check:

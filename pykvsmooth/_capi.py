@@ -1,18 +1,36 @@
 """ctypes declarations of the C functions the patch series adds to ``llama.h``.
 
-One C declaration, one ctypes declaration, with the C prototype above it, as in
-``llama_cpp/llama_cpp.py``; loaded from the same ``libllama`` that llama_cpp uses.
+One C declaration, one typed Python stub, with the C prototype quoted above it, as in
+``llama_cpp/llama_cpp.py``; bound to the same ``libllama`` that llama_cpp loaded.
 """
 
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
 
 import llama_cpp.llama_cpp as _llama
+from llama_cpp._ctypes_extensions import ctypes_function_for_shared_library
+from llama_cpp.llama_cpp import llama_context_p, llama_context_p_ctypes
+
+if TYPE_CHECKING:
+    from llama_cpp._ctypes_extensions import CtypesPointerOrRef
 
 _lib: ctypes.CDLL = _llama._lib
 
-llama_context_p = _llama.llama_context_p_ctypes
+if not hasattr(_lib, "llama_kvsmooth_build_info"):
+    raise ImportError(
+        f"pykvsmooth: llama_cpp loaded {_llama._base_path}, which is not the KVSmooth build of "
+        "llama.cpp (no llama_kvsmooth_build_info). Reinstall pykvsmooth with `make install` in "
+        "its source tree; it installs llama-cpp-python on the patched libraries."
+    )
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+# llama_cpp's decorator, with the signature its untyped factory leaves out
+ctypes_function: Callable[[str, List[Any], Any], Callable[[_F], _F]] = (
+    ctypes_function_for_shared_library(_lib)
+)
+
 llama_seq_id = ctypes.c_int32
 llama_pos = ctypes.c_int32
 
@@ -38,6 +56,16 @@ LLAMA_KVSMOOTH_ERR_ALLOC = -3
 #     bool    trace;
 # };
 class llama_kvsmooth_params(ctypes.Structure):
+    if TYPE_CHECKING:
+        lambda_ref: float
+        window: float
+        queue: int
+        layer_start: int
+        layer_end: int
+        eps: float
+        mode: int
+        trace: bool
+
     _fields_ = [
         ("lambda_ref", ctypes.c_float),
         ("window", ctypes.c_float),
@@ -60,6 +88,15 @@ class llama_kvsmooth_params(ctypes.Structure):
 #     bool         applied;
 # };
 class llama_kvsmooth_trace_record(ctypes.Structure):
+    if TYPE_CHECKING:
+        seq_id: int
+        pos: int
+        layer: int
+        z: float
+        lambda_: float
+        rank: int
+        applied: bool
+
     _fields_ = [
         ("seq_id", llama_seq_id),
         ("pos", llama_pos),
@@ -71,43 +108,106 @@ class llama_kvsmooth_trace_record(ctypes.Structure):
     ]
 
 
-def _declare(name: str, argtypes: list, restype) -> None:  # type: ignore[type-arg]
-    fn = getattr(_lib, name)
-    fn.argtypes = argtypes
-    fn.restype = restype
-
-
 # LLAMA_API struct llama_kvsmooth_params llama_kvsmooth_default_params(void);
-_declare("llama_kvsmooth_default_params", [], llama_kvsmooth_params)
-# LLAMA_API int32_t llama_kvsmooth_set(struct llama_context * ctx, const struct llama_kvsmooth_params * params);
-_declare("llama_kvsmooth_set", [llama_context_p, ctypes.POINTER(llama_kvsmooth_params)], ctypes.c_int32)
-# LLAMA_API void llama_kvsmooth_disable(struct llama_context * ctx);
-_declare("llama_kvsmooth_disable", [llama_context_p], None)
-# LLAMA_API bool llama_kvsmooth_enabled(const struct llama_context * ctx);
-_declare("llama_kvsmooth_enabled", [llama_context_p], ctypes.c_bool)
-# LLAMA_API bool llama_kvsmooth_get_params(const struct llama_context * ctx, struct llama_kvsmooth_params * out);
-_declare("llama_kvsmooth_get_params", [llama_context_p, ctypes.POINTER(llama_kvsmooth_params)], ctypes.c_bool)
-# LLAMA_API void llama_kvsmooth_reset(struct llama_context * ctx, llama_seq_id seq_id);
-_declare("llama_kvsmooth_reset", [llama_context_p, llama_seq_id], None)
-# LLAMA_API int32_t llama_kvsmooth_trace_n(const struct llama_context * ctx);
-_declare("llama_kvsmooth_trace_n", [llama_context_p], ctypes.c_int32)
-# LLAMA_API bool llama_kvsmooth_trace_get(const struct llama_context * ctx, int32_t i, struct llama_kvsmooth_trace_record * out);
-_declare("llama_kvsmooth_trace_get",
-         [llama_context_p, ctypes.c_int32, ctypes.POINTER(llama_kvsmooth_trace_record)], ctypes.c_bool)
-# LLAMA_API const char * llama_kvsmooth_build_info(void);
-_declare("llama_kvsmooth_build_info", [], ctypes.c_char_p)
+@ctypes_function("llama_kvsmooth_default_params", [], llama_kvsmooth_params)
+def llama_kvsmooth_default_params() -> llama_kvsmooth_params:
+    """λref 0.9, window 0.2, queue 15, layers -1/-1 (the model's [3, n_layer − 1)), adaptive."""
+    ...
 
-llama_kvsmooth_default_params = _lib.llama_kvsmooth_default_params
-llama_kvsmooth_set = _lib.llama_kvsmooth_set
-llama_kvsmooth_disable = _lib.llama_kvsmooth_disable
-llama_kvsmooth_enabled = _lib.llama_kvsmooth_enabled
-llama_kvsmooth_get_params = _lib.llama_kvsmooth_get_params
-llama_kvsmooth_reset = _lib.llama_kvsmooth_reset
-llama_kvsmooth_trace_n = _lib.llama_kvsmooth_trace_n
-llama_kvsmooth_trace_get = _lib.llama_kvsmooth_trace_get
-llama_kvsmooth_build_info = _lib.llama_kvsmooth_build_info
+
+# LLAMA_API int32_t llama_kvsmooth_set(
+#         struct llama_context * ctx, const struct llama_kvsmooth_params * params);
+@ctypes_function(
+    "llama_kvsmooth_set",
+    [llama_context_p_ctypes, ctypes.POINTER(llama_kvsmooth_params)],
+    ctypes.c_int32,
+)
+def llama_kvsmooth_set(
+    ctx: llama_context_p, params: CtypesPointerOrRef[llama_kvsmooth_params], /
+) -> int:
+    """Enable or reconfigure KVSmooth: 0, or LLAMA_KVSMOOTH_ERR_* (the previous setting stays)."""
+    ...
+
+
+# LLAMA_API void llama_kvsmooth_disable(struct llama_context * ctx);
+@ctypes_function("llama_kvsmooth_disable", [llama_context_p_ctypes], None)
+def llama_kvsmooth_disable(ctx: llama_context_p, /) -> None:
+    """Back to the unpatched graph."""
+    ...
+
+
+# LLAMA_API bool llama_kvsmooth_enabled(const struct llama_context * ctx);
+@ctypes_function("llama_kvsmooth_enabled", [llama_context_p_ctypes], ctypes.c_bool)
+def llama_kvsmooth_enabled(ctx: llama_context_p, /) -> bool: ...
+
+
+# LLAMA_API bool llama_kvsmooth_get_params(
+#         const struct llama_context * ctx, struct llama_kvsmooth_params * out);
+@ctypes_function(
+    "llama_kvsmooth_get_params",
+    [llama_context_p_ctypes, ctypes.POINTER(llama_kvsmooth_params)],
+    ctypes.c_bool,
+)
+def llama_kvsmooth_get_params(
+    ctx: llama_context_p, out: CtypesPointerOrRef[llama_kvsmooth_params], /
+) -> bool:
+    """The active parameters (layer range resolved); False when KVSmooth is off."""
+    ...
+
+
+# LLAMA_API void llama_kvsmooth_reset(struct llama_context * ctx, llama_seq_id seq_id);
+@ctypes_function("llama_kvsmooth_reset", [llama_context_p_ctypes, llama_seq_id], None)
+def llama_kvsmooth_reset(ctx: llama_context_p, seq_id: int, /) -> None:
+    """Empty the entropy queues of seq_id (-1: of every sequence)."""
+    ...
+
+
+# // while paused, no token of a llama_decode is smoothed, as if none had requested output (the queues
+# // of its sequences are emptied, as for a new prompt). Changes no graph and reserves nothing
+# LLAMA_API void llama_kvsmooth_pause (struct llama_context * ctx, bool paused);
+@ctypes_function("llama_kvsmooth_pause", [llama_context_p_ctypes, ctypes.c_bool], None)
+def llama_kvsmooth_pause(ctx: llama_context_p, paused: bool, /) -> None: ...
+
+
+# LLAMA_API bool llama_kvsmooth_paused(const struct llama_context * ctx);
+@ctypes_function("llama_kvsmooth_paused", [llama_context_p_ctypes], ctypes.c_bool)
+def llama_kvsmooth_paused(ctx: llama_context_p, /) -> bool: ...
+
+
+# // the reason the last llama_kvsmooth_set on ctx failed ("" after a success), the text it also logs
+# LLAMA_API const char * llama_kvsmooth_last_error(const struct llama_context * ctx);
+@ctypes_function("llama_kvsmooth_last_error", [llama_context_p_ctypes], ctypes.c_char_p)
+def llama_kvsmooth_last_error(ctx: llama_context_p, /) -> Optional[bytes]: ...
+
+
+# LLAMA_API int32_t llama_kvsmooth_trace_n(const struct llama_context * ctx);
+@ctypes_function("llama_kvsmooth_trace_n", [llama_context_p_ctypes], ctypes.c_int32)
+def llama_kvsmooth_trace_n(ctx: llama_context_p, /) -> int: ...
+
+
+# LLAMA_API bool llama_kvsmooth_trace_get(
+#         const struct llama_context * ctx, int32_t i, struct llama_kvsmooth_trace_record * out);
+@ctypes_function(
+    "llama_kvsmooth_trace_get",
+    [llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(llama_kvsmooth_trace_record)],
+    ctypes.c_bool,
+)
+def llama_kvsmooth_trace_get(
+    ctx: llama_context_p, i: int, out: CtypesPointerOrRef[llama_kvsmooth_trace_record], /
+) -> bool: ...
+
+
+# LLAMA_API const char * llama_kvsmooth_build_info(void);
+@ctypes_function("llama_kvsmooth_build_info", [], ctypes.c_char_p)
+def llama_kvsmooth_build_info() -> bytes: ...
 
 
 def build_info() -> str:
     """The patch series' identification string, e.g. ``"pykvsmooth 0.1.0 (llama.cpp 0c1e570)"``."""
     return llama_kvsmooth_build_info().decode()
+
+
+def last_error(ctx: llama_context_p) -> str:
+    """Why the last llama_kvsmooth_set on ctx failed ("" after a success)."""
+    text = llama_kvsmooth_last_error(ctx)
+    return "" if text is None else text.decode("utf-8", "replace").strip()

@@ -1,10 +1,16 @@
-"""KVSmooth settings for Python callers: validated on construction (SPEC §1 ranges)."""
+"""KVSmooth settings for Python callers: validated on construction (SPEC §1 ranges).
+
+The defaults are llama.cpp's (``llama_kvsmooth_default_params()``), read once here; every
+Python tool takes them from this module (``DEFAULTS``, ``DEFAULT_*``) instead of writing
+the numbers again.
+"""
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from . import _capi
 
@@ -13,7 +19,27 @@ MODES = {
     "fixed": _capi.LLAMA_KVSMOOTH_MODE_FIXED,
     "keys": _capi.LLAMA_KVSMOOTH_MODE_KEYS,
 }
-MAX_QUEUE = 256
+MAX_QUEUE = 256  # GGML_KVSMOOTH_MAX_QUEUE
+
+
+def _c_float(value: float) -> float:
+    """A C float as the shortest decimal that names it (0.9f: 0.9, not 0.8999999761581421)."""
+    exact = struct.pack("f", value)
+    for digits in range(1, 10):
+        shortest = float(f"{value:.{digits}g}")
+        if struct.pack("f", shortest) == exact:
+            return shortest
+    return value
+
+
+_C_DEFAULTS = _capi.llama_kvsmooth_default_params()
+DEFAULT_LAMBDA_REF: float = _c_float(_C_DEFAULTS.lambda_ref)
+DEFAULT_WINDOW: float = _c_float(_C_DEFAULTS.window)
+DEFAULT_QUEUE: int = int(_C_DEFAULTS.queue)
+DEFAULT_EPS: float = _c_float(_C_DEFAULTS.eps)
+DEFAULT_MODE: str = {v: k for k, v in MODES.items()}[int(_C_DEFAULTS.mode)]
+# the default layer range is the loaded model's [3, n_layer - 1) (SPEC §1), chosen in C
+DEFAULT_LAYERS_TEXT = "3-(n_layer - 1)"
 
 
 @dataclass(frozen=True)
@@ -21,13 +47,13 @@ class KVSmoothConfig:
     """KVSmooth parameters; ``None`` layers mean SPEC §1's defaults for the loaded model
     ([3, n_layer − 1))."""
 
-    lambda_ref: float = 0.9
-    window: float = 0.2
-    queue: int = 15
+    lambda_ref: float = DEFAULT_LAMBDA_REF
+    window: float = DEFAULT_WINDOW
+    queue: int = DEFAULT_QUEUE
     layer_start: Optional[int] = None
     layer_end: Optional[int] = None
-    mode: str = "adaptive"
-    eps: float = 1e-10
+    mode: str = DEFAULT_MODE
+    eps: float = DEFAULT_EPS
     trace: bool = False
 
     def __post_init__(self) -> None:
@@ -89,8 +115,10 @@ class KVSmoothConfig:
         params.trace = self.trace
         return params
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
+
+DEFAULTS = KVSmoothConfig()
 
 KVSmoothValue = Union[None, bool, int, float, Mapping[str, Any], KVSmoothConfig]

@@ -4,8 +4,8 @@ Which tokens are smoothed (SPEC §2): the C side smooths the tokens whose output
 requested while KVSmooth is enabled.  llama-cpp-python requests output for the last token
 of every ``n_batch`` chunk (and for every token with ``logits_all``), so this class
 decides instead: the last token of each ``eval()`` call is the generation step, every
-other token is a prompt token and is evaluated with smoothing paused.  Two places need
-more than that:
+other token is a prompt token and is evaluated with smoothing paused
+(``llama_kvsmooth_pause``: no graph change).  Two places need more than that:
 
 - prefix reuse: cells that hold smoothed K/V (an earlier answer, an earlier final prompt
   token) are never reused as prompt cells; ``generate`` forgets them first, so a second
@@ -18,20 +18,22 @@ more than that:
 from __future__ import annotations
 
 import base64
-import ctypes
+import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Generator, List, Optional, Sequence
 
 import llama_cpp
-import llama_cpp._logger as _llama_logger
+from llama_cpp._ctypes_extensions import byref
 
 from . import _capi
 from .config import KVSmoothConfig, KVSmoothValue
 
 
 class KVSmoothError(RuntimeError):
-    """llama.cpp refused a KVSmooth configuration for this model or context."""
+    """KVSmooth was refused: by llama.cpp for this model or context (its reason, from
+    ``llama_kvsmooth_last_error``), or for a combination this class cannot run exactly
+    (``draft_model``)."""
 
 
 @dataclass(frozen=True)
@@ -56,31 +58,13 @@ class TraceRecord:
     applied: bool
 
 
-# enum ggml_log_level of the pinned ggml (llama_cpp/_logger.py still numbers the older enum)
-_GGML_LOG_LEVEL_ERROR = 4
+_GENERATE = inspect.signature(llama_cpp.Llama.generate)
 
-
-class _ErrorCapture:
-    """Collects llama.cpp's error log lines while active, still printing them as usual."""
-
-    def __init__(self) -> None:
-        self.lines: List[str] = []
-
-        @llama_cpp.llama_log_callback
-        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if level == _GGML_LOG_LEVEL_ERROR:
-                self.lines.append(text.decode("utf-8", "replace").strip())
-            _llama_logger.llama_log_callback(level, text, user_data)
-
-        self._callback = callback
-
-    def __enter__(self) -> "_ErrorCapture":
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        llama_cpp.llama_log_set(_llama_logger.llama_log_callback, ctypes.c_void_p(0))
-
+_DRAFT_MODEL_REFUSED = (
+    "KVSmooth does not support draft_model (speculative decoding): removing a rejected draft "
+    "token empties the entropy queues, so the result would differ from decoding one token at a "
+    "time (SPEC §2). Use draft_model=None with KVSmooth, or kvsmooth=None with a draft model."
+)
 
 _ERROR_NAMES = {
     _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM: "invalid parameter",
@@ -95,6 +79,8 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, *args: Any, kvsmooth: KVSmoothValue = None, **kwargs: Any) -> None:
         config = KVSmoothConfig.coerce(kvsmooth)  # bad values fail before the model loads
+        if config is not None and kwargs.get("draft_model") is not None:
+            raise KVSmoothError(_DRAFT_MODEL_REFUSED)
         self._kvsmooth: Optional[KVSmoothConfig] = None
         # lowest position whose cell may hold smoothed K/V, None if no cell does
         self._first_smoothed: Optional[int] = None
@@ -114,27 +100,36 @@ class Llama(llama_cpp.Llama):
     @kvsmooth.setter
     def kvsmooth(self, value: KVSmoothValue) -> None:
         config = KVSmoothConfig.coerce(value)
+        if config is not None:
+            self._refuse_draft_model()
         if config is None:
-            _capi.llama_kvsmooth_disable(self._ctx.ctx)
+            _capi.llama_kvsmooth_disable(self.ctx)
         else:
             self._enable(config)
+        if config != self._kvsmooth:
+            # the last logits came from a final token evaluated under the old setting: the
+            # next completion must evaluate it again, even when the whole prompt is cached
+            self._requires_eval = True
         self._kvsmooth = config
+
+    def _refuse_draft_model(self) -> None:
+        if getattr(self, "draft_model", None) is not None:
+            raise KVSmoothError(_DRAFT_MODEL_REFUSED)
 
     def _enable(self, config: KVSmoothConfig) -> None:
         params = config.to_c()
-        with _ErrorCapture() as log:
-            rc = _capi.llama_kvsmooth_set(self._ctx.ctx, ctypes.byref(params))
+        rc = _capi.llama_kvsmooth_set(self.ctx, byref(params))
         if rc != 0:
-            reason = log.lines[-1] if log.lines else _ERROR_NAMES.get(rc, f"error {rc}")
-            raise KVSmoothError(f"KVSmooth {_ERROR_NAMES.get(rc, f'error {rc}')}: {reason}")
+            name = _ERROR_NAMES.get(rc, f"error {rc}")
+            raise KVSmoothError(f"KVSmooth {name}: {_capi.last_error(self.ctx) or name}")
 
     def kvsmooth_trace(self) -> List[TraceRecord]:
         """The records of the last decode (needs ``KVSmoothConfig(trace=True)``)."""
-        ctx = self._ctx.ctx
+        ctx = self.ctx
         out = _capi.llama_kvsmooth_trace_record()
         records = []
         for i in range(_capi.llama_kvsmooth_trace_n(ctx)):
-            if _capi.llama_kvsmooth_trace_get(ctx, i, ctypes.byref(out)):
+            if _capi.llama_kvsmooth_trace_get(ctx, i, byref(out)):
                 records.append(TraceRecord(out.seq_id, out.pos, out.layer, out.z, out.lambda_,
                                            out.rank, out.applied))
         return records
@@ -157,6 +152,8 @@ class Llama(llama_cpp.Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         tokens = list(tokens)
+        if self._kvsmooth is not None:
+            self._refuse_draft_model()  # draft_model may be assigned after construction
         if self._first_smoothed is not None and self._first_smoothed >= self.n_tokens:
             self._first_smoothed = None  # those cells are being overwritten
         if self._kvsmooth is None or not tokens:
@@ -173,20 +170,30 @@ class Llama(llama_cpp.Llama):
         self._eval_end = self.n_tokens
 
     def _eval_paused(self, tokens: List[int]) -> None:
-        """Evaluate prompt tokens unsmoothed, whatever outputs llama-cpp-python requests.
-        Re-enabling empties the queues, as a new prompt does anyway (SPEC §2)."""
-        assert self._kvsmooth is not None
-        _capi.llama_kvsmooth_disable(self._ctx.ctx)
+        """Evaluate prompt tokens unsmoothed, whatever outputs llama-cpp-python requests; the
+        queues start over, as for any new prompt (SPEC §2). Pausing changes no graph."""
+        _capi.llama_kvsmooth_pause(self.ctx, True)
         try:
             super().eval(tokens)
         finally:
-            self._enable(self._kvsmooth)
+            _capi.llama_kvsmooth_pause(self.ctx, False)
 
-    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+    def generate(  # the same parameters as llama_cpp.Llama.generate, passed on as they are
+        self, tokens: Sequence[int], *args: Any, **kwargs: Any
+    ) -> Generator[int, Optional[Sequence[int]], None]:
+        if self._kvsmooth is not None:
+            self._refuse_draft_model()
         if self._first_smoothed is not None and self._first_smoothed < self.n_tokens:
             # cells from here on hold smoothed K/V: not prompt cells for any new prompt
+            reset = _GENERATE.bind(self, tokens, *args, **kwargs).arguments.get("reset", True)
+            if not reset:
+                # generate(reset=False) continues after the cached tokens: the smoothed ones
+                # become prompt tokens and are evaluated again, unsmoothed, before the new ones
+                tokens = [*self._input_ids[self._first_smoothed:].tolist(), *tokens]
             self.n_tokens = self._first_smoothed
             self._first_smoothed = None
+            # the current logits belong to a removed token: sample only after a new decode
+            self._requires_eval = True
         if self._chat_prompt:
             self._chat_prompt = False
             # handlers that only format text (chat_format) evaluate nothing themselves: the
@@ -209,6 +216,10 @@ class Llama(llama_cpp.Llama):
         except BaseException:
             self._chat_prompt = False
             raise
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[no-untyped-call]  # unannotated in llama-cpp-python
+        self._first_smoothed = None  # n_tokens is 0: no cell is a prompt cell any more
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # not when __init__ failed before llama_cpp.Llama's ran

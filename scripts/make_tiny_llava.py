@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import gguf
@@ -93,8 +94,10 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_vocab() -> tuple[list[str], list[float], list[int]]:
-    """<unk>, <s>, </s>, the 256 byte tokens, printable ASCII and word prefixes."""
+def build_vocab(extra_control: Sequence[str] = ()) -> tuple[list[str], list[float], list[int]]:
+    """<unk>, <s>, </s>, the 256 byte tokens, printable ASCII and word prefixes; then
+    `extra_control` (chat-template and media-marker tokens of other families), as control
+    tokens with score 0, so that the text of each is tokenized as that one token."""
     tokens = ["<unk>", "<s>", "</s>"]
     types = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -111,6 +114,13 @@ def build_vocab() -> tuple[list[str], list[float], list[int]]:
             types.append(TOKEN_NORMAL)
     # SentencePiece convention: score = -rank; special and byte tokens score 0.
     scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
+    for t in extra_control:
+        if t in seen or not t:
+            raise ValueError(f"extra control token {t!r} is empty or already in the vocabulary")
+        seen.add(t)
+        tokens.append(t)
+        types.append(TOKEN_CONTROL)
+        scores.append(0.0)
     return tokens, scores, types
 
 
@@ -126,19 +136,20 @@ def _file_type(weights: str) -> int:
     return int(gguf.LlamaFileType.ALL_F32 if weights == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
 
-def add_tokenizer(w: gguf.GGUFWriter, tokens: list[str], scores: list[float], types: list[int]) -> None:
-    """SentencePiece-style ("llama") tokenizer metadata with <unk>=0, <s>=1, </s>=2 and the
-    LLaVA-1.5 chat template."""
+def add_tokenizer(w: gguf.GGUFWriter, tokens: list[str], scores: list[float], types: list[int], *,
+                  chat_template: str = CHAT_TEMPLATE, eos: int = 2, add_bos: bool = True) -> None:
+    """SentencePiece-style ("llama") tokenizer metadata with <unk>=0, <s>=1 and the chat
+    template (by default </s>=2 as end of sequence, BOS added, and the LLaVA-1.5 template)."""
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(add_bos)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template)
 
 
 def write_text_model(path: str | Path, seed: int = 0, weights: str = "f32", **dims: int | float) -> TextConfig:
@@ -245,19 +256,7 @@ def write_mmproj(path: str | Path, seed: int = 0, text_n_embd: int = 256, weight
     mat("v.position_embd.weight", (cfg.n_patches + 1, E), 0.5)
     vec("v.pre_ln.weight", E, 1.0, 0.1)
     vec("v.pre_ln.bias", E, 0.0, 0.1)
-    for il in range(cfg.n_layer):
-        p = f"v.blk.{il}."
-        vec(p + "ln1.weight", E, 1.0, 0.1)
-        vec(p + "ln1.bias", E, 0.0, 0.1)
-        for t in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            mat(p + t + ".weight", (E, E), 1.0 / np.sqrt(E))
-            vec(p + t + ".bias", E, 0.0, 0.02)
-        vec(p + "ln2.weight", E, 1.0, 0.1)
-        vec(p + "ln2.bias", E, 0.0, 0.1)
-        mat(p + "ffn_up.weight", (cfg.n_ff, E), 1.0 / np.sqrt(E))
-        vec(p + "ffn_up.bias", cfg.n_ff, 0.0, 0.02)
-        mat(p + "ffn_down.weight", (E, cfg.n_ff), 1.0 / np.sqrt(cfg.n_ff))
-        vec(p + "ffn_down.bias", E, 0.0, 0.02)
+    add_vit_blocks(mat, vec, E, cfg.n_ff, cfg.n_layer)
     # Projector output scaled like the text model's token embeddings (RMS ~1).
     mat("mm.0.weight", (T, E), 1.0 / np.sqrt(E))
     vec("mm.0.bias", T, 0.0, 0.02)
@@ -266,6 +265,26 @@ def write_mmproj(path: str | Path, seed: int = 0, text_n_embd: int = 256, weight
 
     _finish(w)
     return cfg
+
+
+def add_vit_blocks(mat: Callable[[str, tuple[int, ...], float], None],
+                   vec: Callable[[str, int, float, float], None], E: int, n_ff: int, n_layer: int) -> None:
+    """The pre-norm transformer blocks of a CLIP/SigLIP-style vision tower (v.blk.N.*: LayerNorm
+    with bias, biased Q/K/V/out projections, a biased two-layer FFN), as clip.cpp loads them.
+    `mat(name, shape, std)` and `vec(name, n, mean, std)` write one random tensor each."""
+    for il in range(n_layer):
+        p = f"v.blk.{il}."
+        vec(p + "ln1.weight", E, 1.0, 0.1)
+        vec(p + "ln1.bias", E, 0.0, 0.1)
+        for t in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            mat(p + t + ".weight", (E, E), 1.0 / np.sqrt(E))
+            vec(p + t + ".bias", E, 0.0, 0.02)
+        vec(p + "ln2.weight", E, 1.0, 0.1)
+        vec(p + "ln2.bias", E, 0.0, 0.1)
+        mat(p + "ffn_up.weight", (n_ff, E), 1.0 / np.sqrt(E))
+        vec(p + "ffn_up.bias", n_ff, 0.0, 0.02)
+        mat(p + "ffn_down.weight", (E, n_ff), 1.0 / np.sqrt(n_ff))
+        vec(p + "ffn_down.bias", E, 0.0, 0.02)
 
 
 def _finish(w: gguf.GGUFWriter) -> None:

@@ -183,7 +183,7 @@ def apply_patches(tree: Path, strict: bool, patch_dir: Path = PATCH_DIR) -> None
         if result.returncode != 0:
             raise PrepareError(f"patch {patch.name} does not apply:\n{result.stdout.strip()}")
         if strict:
-            inexact = [l for l in result.stdout.splitlines() if "offset" in l or "fuzz" in l]
+            inexact = [line for line in result.stdout.splitlines() if "offset" in line or "fuzz" in line]
             if inexact:
                 raise PrepareError(f"patch {patch.name} applies only inexactly:\n" + "\n".join(inexact))
 

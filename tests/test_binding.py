@@ -332,3 +332,137 @@ def test_chat_with_image(fx: Fixture) -> None:
     assert len(steps) == out["usage"]["completion_tokens"]
     for i, records in enumerate(steps):
         assert {(r.pos, r.layer) for r in records} == {(n_prompt - 1 + i, 3), (n_prompt - 1 + i, 4)}, i
+
+
+# --- the Python layer's own bookkeeping (issue 13) -----------------------------------------
+
+
+def first_tokens(llm: llama_cpp.Llama, prompt: List[int], n: int, **kwargs: Any) -> List[int]:
+    """The first n greedy tokens of llm.generate(prompt); the n-th is not fed back."""
+    out: List[int] = []
+    for t in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, **kwargs):
+        out.append(t)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_draft_model_is_refused_not_a_crash(fx: Fixture) -> None:
+    """Speculative decoding removes rejected draft tokens, which empties the entropy queues:
+    not what decoding one token at a time gives (SPEC §2), so KVSmooth refuses it (before,
+    the split decode lacked the drafts' logits and GGML_ASSERT aborted the process)."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    with pytest.raises(KVSmoothError, match="does not support draft_model"):
+        make(fx, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=2), kvsmooth=0.9)
+    drafted = make(fx, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=2))
+    with pytest.raises(KVSmoothError, match="does not support draft_model"):
+        drafted.kvsmooth = 0.9
+    assert drafted.kvsmooth is None and not pykvsmooth._capi.llama_kvsmooth_enabled(drafted.ctx)
+    assert complete(drafted, PROMPT, 8) == complete(make(fx, llama_cpp.Llama), PROMPT, 8)
+
+    llm = make(fx, kvsmooth=0.9)
+    llm.draft_model = LlamaPromptLookupDecoding(num_pred_tokens=2)
+    with pytest.raises(KVSmoothError, match="Use draft_model=None with KVSmooth"):
+        complete(llm, PROMPT, 8)
+
+
+def test_generate_without_reset_continues_after_the_answer(fx: Fixture) -> None:
+    """generate(tokens, reset=False) appends to what is cached, the previous answer included;
+    its smoothed cells are evaluated again as prompt tokens, so the result is a fresh
+    object's on the whole token sequence."""
+    prompt = [1] + tokens(11, 30, 400)
+    extra = tokens(12, 7, 400)
+    llm = make(fx, n_batch=8, kvsmooth=0.9)
+    answer = first_tokens(llm, prompt, 6)  # the first five are fed back
+    assert llm.n_tokens == len(prompt) + 5
+    more = first_tokens(llm, extra, 4, reset=False)
+    whole = prompt + answer[:5] + extra
+    assert llm.n_tokens == len(whole) + 3
+    assert llm._input_ids.tolist()[:len(whole)] == whole
+    assert more == first_tokens(make(fx, n_batch=8, kvsmooth=0.9), whole, 4)
+
+
+def test_prompt_cut_before_smoothed_cells_is_evaluated_again(fx: Fixture) -> None:
+    """A prompt equal to the previous prompt minus its (smoothed) final token: the cells are
+    cut there, and the next token must come from a new decode, not the previous logits."""
+    prompt = [1] + tokens(13, 25, 400)
+    llm = make(fx, kvsmooth=0.9)
+    first_tokens(llm, prompt, 8)
+    shorter = prompt[:-1]
+    got = first_tokens(llm, shorter, 1)
+    fresh = make(fx, kvsmooth=0.9)
+    assert got == first_tokens(fresh, shorter, 1)
+    np.testing.assert_allclose(last_logits(llm), last_logits(fresh), atol=ATOL, rtol=0)
+
+
+def test_switching_on_over_a_cached_prompt_smooths_its_final_token(fx: Fixture) -> None:
+    """The same prompt again, after KVSmooth was switched on (or changed): the cached prompt
+    cells are prompt cells either way, but the final token is a generation step and must be
+    evaluated again under the new setting; the tokens after it attend to its smoothed cell."""
+    prompt = [1] + tokens(14, 25, 400)
+    llm = make(fx)
+    first_tokens(llm, prompt, 1)  # caches exactly the prompt, its final token unsmoothed
+    off = make(fx)
+    first_tokens(off, prompt, 4)
+    for setting in (0.9, KVSmoothConfig(lambda_ref=0.5, mode="fixed")):
+        llm.kvsmooth = setting
+        got = first_tokens(llm, prompt, 4)
+        fresh = make(fx, kvsmooth=setting)
+        assert got == first_tokens(fresh, prompt, 4)
+        np.testing.assert_allclose(last_logits(llm), last_logits(fresh), atol=ATOL, rtol=0)
+        assert np.abs(last_logits(fresh) - last_logits(off)).max() > TEETH
+        first_tokens(llm, prompt, 1)  # the prompt alone cached again, for the next setting
+
+
+def test_reset_forgets_smoothed_cells(fx: Fixture) -> None:
+    llm = make(fx, kvsmooth=0.9)
+    complete(llm, PROMPT, 4)
+    assert llm.save_state().kvsmooth_first_smoothed is not None  # type: ignore[attr-defined]
+    llm.reset()
+    assert llm.save_state().kvsmooth_first_smoothed is None  # type: ignore[attr-defined]
+
+
+def test_prompts_do_not_reconfigure_kvsmooth(fx: Fixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt tokens are evaluated with smoothing paused (llama_kvsmooth_pause), not by
+    disabling and enabling it: that rebuilt the graph and re-reserved the scheduler twice
+    per prompt."""
+    calls: List[str] = []
+    for name in ("llama_kvsmooth_set", "llama_kvsmooth_disable"):
+        real = getattr(pykvsmooth._capi, name)
+        monkeypatch.setattr(pykvsmooth._capi, name,
+                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    llm = make(fx, n_batch=8, kvsmooth=0.9)
+    assert calls == ["llama_kvsmooth_set"]
+    text = complete(llm, PROMPT, 8)
+    complete(llm, PROMPT.replace("detail", "the picture"), 8)
+    assert calls == ["llama_kvsmooth_set"]
+    assert not pykvsmooth._capi.llama_kvsmooth_paused(llm.ctx)
+    assert text == complete(make(fx, n_batch=8, kvsmooth=0.9), PROMPT, 8)
+
+
+def test_errors_come_from_llama_cpp_without_replacing_the_log_callback(fx: Fixture) -> None:
+    """The refusal's reason comes from llama_kvsmooth_last_error; the application's log
+    callback stays installed and sees llama.cpp's error line too."""
+    import llama_cpp._logger
+
+    seen: List[str] = []
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        seen.append(text.decode("utf-8", "replace"))
+
+    llm = make(fx, kvsmooth=0.9)
+    llama_cpp.llama_log_set(callback, None)
+    try:
+        with pytest.raises(KVSmoothError, match=r"invalid parameter: .*layer range.*n_layer = 6"):
+            llm.kvsmooth = KVSmoothConfig(layer_start=2, layer_end=40)
+        assert any("n_layer = 6" in line for line in seen)
+        llm.kvsmooth = 0.5
+        seen.clear()
+        with pytest.raises(KVSmoothError, match="layer range"):
+            llm.kvsmooth = KVSmoothConfig(layer_start=7)
+        assert any("layer" in line for line in seen)  # still ours after a success
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+    assert llm.kvsmooth == KVSmoothConfig(lambda_ref=0.5)

@@ -1,4 +1,5 @@
-"""CHAIR: object extraction (synonyms, plurals, multi-word names) and hand-computed metrics."""
+"""CHAIR with ``--protocol extended``: its object extraction (synonyms, plurals, multi-word
+names) and hand-computed metrics. The reference protocol (``opera``) is in test_eval_opera.py."""
 
 from __future__ import annotations
 
@@ -200,17 +201,20 @@ CAPTIONS = {
     2: "A cat lies on a sofa next to a laptop and a teddy bear.",
     3: "Several cars wait at traffic lights.",
 }
+# Distinct objects per caption: 1 {person, dog, fire hydrant}, 2 {cat, couch, laptop,
+# teddy bear}, 3 {car, traffic light}: 9 generated, 6 of them covered.
 # CHAIR_S   = 2 hallucinated captions / 3 captions         = 66.6667 %
 # CHAIR_I   = 3 hallucinated mentions / 10 mentions        = 30 %
-# precision = 7 correct mentions / 10 mentions             = 70 %
 # recall    = (2 + 2 + 2) covered / (3 + 2 + 2) GT objects = 6/7 = 85.7143 %
-# F1        = 2 * 0.7 * 6/7 / (0.7 + 6/7) = 1.2 / (10.9/7) = 8.4/10.9 = 77.0642 %
+# precision = 6 covered / 9 distinct generated objects     = 66.6667 %  (PAI / MiddleLayer)
+# F1        = 2 * 2/3 * 6/7 / (2/3 + 6/7) = (8/7) / (32/21) = 0.75     = 75 %
+# mention precision = 7 correct mentions / 10 mentions     = 70 %  (= 1 - CHAIR_I)
 EXPECTED = {
     "CHAIR_S": 200 / 3,
     "CHAIR_I": 30.0,
-    "precision": 70.0,
     "recall": 600 / 7,
-    "F1": 840 / 10.9,
+    "precision": 200 / 3,
+    "F1": 75.0,
 }
 
 
@@ -221,9 +225,27 @@ def test_hand_computed_metrics(tmp_path: Path, extractor: ObjectExtractor) -> No
     result = compute_chair(records, annotations, extractor)
     assert (result.n_captions, result.n_mentions, result.n_hallucinated_mentions) == (3, 10, 3)
     assert (result.n_hallucinated_captions, result.n_ground_truth, result.n_covered) == (2, 7, 6)
+    assert result.n_distinct_generated == 9
+    assert result.mention_precision == pytest.approx(0.7)
     got = result.as_percent()
+    assert list(got) == ["CHAIR_S", "CHAIR_I", "recall", "precision", "F1"]
     for key, value in EXPECTED.items():
         assert got[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_repeated_mentions_count_once_for_precision(tmp_path: Path) -> None:
+    # "A dog, a dog, a dog and a cat." on image 1 (GT person, dog, bench): mentions dog x3
+    # and cat; distinct {dog, cat}, covered {dog}: precision 1/2 = 50 %, while the
+    # mention-based one is 3/4 = 75 % (1 - CHAIR_I); recall 1/3.
+    inst, caps = write_coco(tmp_path, IMAGES)
+    result = compute_chair(
+        [CaptionRecord(1, "A dog, a dog, a dog and a cat.")], load_annotations(inst, caps),
+        ObjectExtractor(),
+    )
+    assert result.precision == pytest.approx(0.5)
+    assert result.mention_precision == pytest.approx(0.75)
+    assert result.chair_i == pytest.approx(0.25)
+    assert result.f1 == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
 
 
 def test_ground_truth_without_reference_captions_is_the_instances(tmp_path: Path) -> None:
@@ -256,11 +278,14 @@ def test_cli_prints_the_metrics_as_json(tmp_path: Path, capsys: pytest.CaptureFi
     )
     details = tmp_path / "details.jsonl"
     rc = main(["chair", str(captions), "--instances", str(inst), "--captions", str(caps),
-               "--per-caption", str(details)])
+               "--protocol", "extended", "--per-caption", str(details), "--counts"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     for key, value in EXPECTED.items():
         assert out[key] == pytest.approx(value, abs=1e-4), key
+    # the mention-based precision under its own key; the counts on request
+    assert out["mention_precision"] == pytest.approx(70.0)
+    assert (out["n_mentions"], out["n_distinct_generated"], out["n_covered"]) == (10, 9, 6)
     lines = [json.loads(line) for line in details.read_text().splitlines()]
     assert lines[1]["hallucinated"] == [["laptop", "laptop"], ["teddy bear", "teddy bear"]]
     assert lines[0]["ground_truth"] == ["bench", "dog", "person"]
@@ -270,14 +295,17 @@ def test_cli_rejects_unknown_images_and_repeated_images(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     inst, caps = write_coco(tmp_path, IMAGES)
+    extended = ["--protocol", "extended"]
     unknown = write_jsonl(tmp_path / "a.jsonl", [{"image_id": 99, "caption": "A dog."}])
-    assert main(["chair", str(unknown), "--instances", str(inst), "--captions", str(caps)]) == 1
+    assert main(["chair", str(unknown), "--instances", str(inst), "--captions", str(caps),
+                 *extended]) == 1
     assert "image_id 99" in capsys.readouterr().err
     twice = write_jsonl(
         tmp_path / "b.jsonl",
         [{"image_id": 1, "caption": "A dog."}, {"image_id": 1, "caption": "A cat."}],
     )
-    assert main(["chair", str(twice), "--instances", str(inst), "--captions", str(caps)]) == 1
+    assert main(["chair", str(twice), "--instances", str(inst), "--captions", str(caps),
+                 *extended]) == 1
     assert "appears twice" in capsys.readouterr().err
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TinyLlava
 
-from pykvsmooth.eval.__main__ import main
+from pykvsmooth.eval.__main__ import build_parser, main, settings_from_args
 from pykvsmooth.eval.coco import EvalError, sample_image_ids
 from pykvsmooth.eval.generate import (
     MANIFEST,
@@ -199,6 +199,50 @@ def test_run_refuses_another_model(fake_run, tmp_path: Path) -> None:
         run(fake_run(model=other), factory=FakeCaptioner)
 
 
+def parse_generate(*extra: str):
+    return build_parser().parse_args(
+        ["generate", "--model", "m", "--mmproj", "p", "--images", "i", "--instances", "j",
+         "--out", "o", *extra]
+    )
+
+
+def test_kvsmooth_flags_are_the_other_tools_flags() -> None:
+    # the spelling of kvsmooth-caption, the server and llama.cpp's common arguments
+    args = parse_generate("--kvsmooth-window", "0.1", "--kvsmooth-queue", "9",
+                          "--kvsmooth-layers", "2-30", "--settings", "baseline", "fixed:0.5")
+    assert (args.kvsmooth_window, args.kvsmooth_queue, args.kvsmooth_layers) == (0.1, 9, (2, 30))
+    assert settings_from_args(args) == (Setting(), Setting("fixed", 0.5))
+    # the old spellings are gone
+    for old in ("--window", "--queue", "--layer-start", "--layer-end"):
+        with pytest.raises(SystemExit):
+            parse_generate(old, "1")
+
+
+@pytest.mark.parametrize(
+    "extra, settings",
+    [
+        ((), (Setting(), Setting("adaptive", 0.9))),  # the paper's comparison
+        (("--kvsmooth", "0.7"), (Setting(), Setting("adaptive", 0.7))),
+        (("--kvsmooth", "0.5", "--kvsmooth-mode", "fixed"), (Setting(), Setting("fixed", 0.5))),
+        (("--no-kvsmooth",), (Setting(),)),
+        (("--kvsmooth", "0"), (Setting(),)),
+        (("--settings", "keys:0.9"), (Setting("keys", 0.9),)),
+    ],
+)
+def test_settings_from_the_kvsmooth_flags(extra, settings) -> None:
+    assert settings_from_args(parse_generate(*extra)) == settings
+
+
+def test_settings_and_kvsmooth_flags_conflict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(EvalError, match="one or the other"):
+        settings_from_args(parse_generate("--settings", "baseline", "--kvsmooth", "0.5"))
+    # bad KVSmooth values are refused before any file is read
+    rc = main(["generate", "--model", "m", "--mmproj", "p", "--images", str(tmp_path),
+               "--instances", "j", "--out", str(tmp_path / "o"), "--kvsmooth-queue", "0"])
+    assert rc == 1
+    assert "adaptive-0.9" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_cli_errors_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["generate", "--model", str(tmp_path / "missing.gguf"), "--mmproj", "x",
                "--images", str(tmp_path), "--instances", "y", "--out", str(tmp_path / "o")])
@@ -223,6 +267,7 @@ def test_generate_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_llava: TinyL
         "--out", str(out), "--n-images", "3", "--seed", "0",
         "--settings", "baseline", "adaptive:0.9", "keys:0.9",
         "--max-tokens", "12", "--n-ctx", "512", "--n-gpu-layers", "0",
+        "--kvsmooth-window", "0.1", "--kvsmooth-queue", "7",
     ]
     assert main(argv) == 0
 
@@ -233,6 +278,10 @@ def test_generate_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_llava: TinyL
     assert sorted(manifest["images"]["ids"]) == [1000, 1007, 1014]
     assert manifest["settings"]["adaptive-0.9"]["effective"]["lambda_ref"] == pytest.approx(0.9)
     assert manifest["settings"]["keys-0.9"]["effective"]["mode"] == "keys"
+    # --kvsmooth-window / --kvsmooth-queue reach every KVSmooth setting
+    for name in ("adaptive-0.9", "keys-0.9"):
+        effective = manifest["settings"][name]["effective"]
+        assert (effective["window"], effective["queue"]) == (pytest.approx(0.1), 7)
     assert manifest["settings"]["baseline"]["effective"] == {}
     files = {}
     for name in ("baseline", "adaptive-0.9", "keys-0.9"):
@@ -259,4 +308,4 @@ def test_generate_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_llava: TinyL
 
     # the caption files are what `chair` reads
     assert main(["chair", str(out / "adaptive-0.9.jsonl"), "--instances", str(instances),
-                 "--captions", str(captions)]) == 0
+                 "--captions", str(captions), "--protocol", "extended"]) == 0

@@ -1,4 +1,5 @@
-"""OPOPE: probe sets built by hand-checked rules, and metrics computed by hand."""
+"""OPOPE with ``--protocol extended``: probe sets built by hand-checked rules, and metrics
+computed by hand. HALC's protocol (the default) is in test_eval_halc.py."""
 
 from __future__ import annotations
 
@@ -205,11 +206,25 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     caps = tmp_path / "caps.jsonl"
     lines = [json.dumps({"image_id": i, "caption": c}) for i, c in METRIC_CAPTIONS.items()]
     caps.write_text("\n".join(lines) + "\n")
-    rc = main(["opope", str(caps), "--instances", str(inst), "--num-samples", "2"])
+    rc = main(["opope", str(caps), "--instances", str(inst), "--num-samples", "2",
+               "--protocol", "extended"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["beta"] == 0.2
-    for name in (*STRATEGIES, "average"):
-        for key, value in EXPECTED.items():
+    # the means over the splits at the top, then the splits
+    assert list(out) == ["accuracy", "precision", "recall", "F_beta", *STRATEGIES]
+    for key, value in EXPECTED.items():
+        assert out[key] == pytest.approx(value, abs=1e-4), key
+        for name in STRATEGIES:
             assert out[name][key] == pytest.approx(value, abs=1e-4), (name, key)
     assert out["random"]["n_images"] == 4
+    assert out["random"]["n_questions"] == 16
+
+
+def test_cli_extended_refuses_halc_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inst = write_instances(tmp_path, METRIC_IMAGES)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"image_id": 1, "caption": "A dog."}) + "\n")
+    rc = main(["opope", str(caps), "--instances", str(inst), "--protocol", "extended",
+               "--segmentation", str(inst)])
+    assert rc == 1
+    assert "--protocol halc" in capsys.readouterr().err

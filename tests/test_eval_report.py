@@ -1,4 +1,4 @@
-"""`kvsmooth-eval report`: the paper's Table 1 for a run, and the precision-recall plot."""
+"""`kvsmooth-eval report`: the paper's Tables 1, 2 and 4 for a run, and the precision-recall plot."""
 
 from __future__ import annotations
 
@@ -10,13 +10,24 @@ import pytest
 
 from pykvsmooth.eval.__main__ import main
 from pykvsmooth.eval.coco import EvalError, load_annotations
-from pykvsmooth.eval.report import evaluate_run, markdown_report, plot_precision_recall
+from pykvsmooth.eval.report import (
+    PROTOCOL_NOTES,
+    ReportOptions,
+    evaluate_run,
+    markdown_report,
+    plot_precision_recall,
+)
+
+NLTK_DATA = Path(__file__).resolve().parent / "data" / "eval" / "nltk_data"
+OPERA = ReportOptions(nltk_data=NLTK_DATA)
 
 # Ground truth: image 1 {person, dog}, image 2 {cat} (the reference captions add nothing).
 INSTANCES = {1: ["person", "dog"], 2: ["cat"]}
 REFERENCES = {1: "A man with a dog.", 2: "A cat."}
 
-# setting -> captions; by hand (mentions / hallucinated / covered per image):
+# setting -> captions; by hand (mentions / hallucinated / covered per image; no caption
+# repeats an object, so distinct objects = mentions; OPERA's extraction and the extended
+# one agree on these words):
 # baseline      1: man dog frisbee(X) 3/1/2   2: cat couch(X) 2/1/1
 #               CHAIR_S 2/2 = 100, CHAIR_I 2/5 = 40, P 60, R 3/3 = 100,
 #               F1 = 2*.6*1/1.6 = 75.0
@@ -76,6 +87,9 @@ def make_run(tmp: Path) -> Path:
 
 
 TABLE_1 = """\
+Table 1. CHAIR (protocol `opera`: OPERA `chair.py` objects (NLTK), precision and F1 over \
+distinct objects as PAI / MiddleLayer: the paper's).
+
 | Method | CHAIR_S ↓ | F1 ↑ |
 | --- | ---: | ---: |
 | Baseline | 100.0 | 75.0 |
@@ -97,15 +111,78 @@ DETAILS = """\
 def test_markdown_tables(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     annotations = load_annotations(tmp_path / "instances.json", tmp_path / "captions.json")
-    rows = evaluate_run(run, annotations)
-    text = markdown_report(rows)
-    assert TABLE_1 in text
-    assert DETAILS in text
+    for options in (OPERA, ReportOptions(chair_protocol="extended")):
+        rows = evaluate_run(run, annotations, options)
+        text = markdown_report(rows, options=options)
+        assert TABLE_1.replace(
+            "protocol `opera`: OPERA `chair.py` objects (NLTK), precision and F1 over "
+            "distinct objects as PAI / MiddleLayer: the paper's",
+            PROTOCOL_NOTES[options.chair_protocol],
+        ) in text
+        assert DETAILS in text
+        assert text.startswith(f"Protocols. CHAIR: {PROTOCOL_NOTES[options.chair_protocol]}.")
+        assert "Table 2" not in text and "Table 4" not in text  # no OPOPE asked, no keys run
+
+
+# keys-0.9: image 1 "A dog and a frisbee." 2/1/1, image 2 "A cat." 1/0/1
+#   CHAIR_S 1/2 = 50, P 2/3, R 2/3, F1 66.7
+TABLE_4 = """\
+| Method | C_S ↓ | F1 ↑ |
+| --- | ---: | ---: |
+| Key (K_t), λref = 0.9 | 50.0 | 66.7 |
+| Key-Value (K_t, V_t), λref = 0.5 | 50.0 | 85.7 |
+| Key-Value (K_t, V_t), λref = 0.9 | 0.0 | 80.0 |
+"""
+# OPOPE: no image of this run has HALC's 3 objects, so Table 2 reads POPE-style question
+# files written here: image 1 dog yes, cat no; image 2 cat yes, person no (HALC's rule:
+# "person" is not in "A man ..."). Baseline and adaptive-0.9 both: dog TP, cat TN, cat TP,
+# person TN -> 100 everywhere. (fixed-0.5 has no caption of image 2, which would be an
+# error, so the other settings' files are removed first.)
+TABLE_2 = """\
+| Method | Acc ↑ | Pre ↑ | F_β ↑ |
+| --- | ---: | ---: | ---: |
+| Baseline | 100.00 | 100.00 | 100.00 |
+"""
+
+
+def test_tables_2_and_4(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = make_run(tmp_path)
+    (run / "keys-0.9.jsonl").write_text(
+        json.dumps({"image_id": 1, "caption": "A dog and a frisbee."}) + "\n"
+        + json.dumps({"image_id": 2, "caption": "A cat."}) + "\n"
+    )
+    rc = main(["report", str(run), "--nltk-data", str(NLTK_DATA)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert TABLE_4 in out
+    # Table 1 does not list the keys-only ablation
+    assert "| KVSmooth, keys only" not in out.split("Table 4")[0].split("All CHAIR")[0]
+
+    questions = []
+    for split in ("random", "popular", "adversarial"):
+        q = tmp_path / f"{split}.json"
+        q.write_text("".join(
+            json.dumps({"image": f"COCO_val2014_{i:012d}.jpg", "text": f"Is there a {o} in the image?",
+                        "label": label}) + "\n"
+            for i, o, label in [(1, "dog", "yes"), (1, "cat", "no"), (2, "cat", "yes"),
+                                (2, "person", "no")]
+        ))
+        questions.append(str(q))
+    for name in ("fixed-0.5", "adaptive-0.5", "keys-0.9"):
+        (run / f"{name}.jsonl").unlink()
+    rc = main(["report", str(run), "--nltk-data", str(NLTK_DATA), "--opope",
+               "--questions", *questions])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "OPOPE: protocol `halc`: HALC's answer rule on POPE's question files." in out
+    assert "Table 2. OPOPE (protocol `halc`" in out
+    assert TABLE_2 in out
+    assert "| KVSmooth (λref = 0.9) | 100.00 | 100.00 | 100.00 |" in out
 
 
 def test_cli_uses_the_recorded_annotations(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = make_run(tmp_path)
-    assert main(["report", str(run)]) == 0
+    assert main(["report", str(run), "--nltk-data", str(NLTK_DATA)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Model `llava-v1.5-7b.Q4_K_M.gguf`")
     assert "2 COCO images (seed 0)" in out
@@ -116,8 +193,9 @@ def test_cli_writes_markdown_and_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")  # the optional 'plot' extra
     run = make_run(tmp_path)
     md, png = tmp_path / "report.md", tmp_path / "pr.png"
-    assert main(["report", str(run), "--output", str(md), "--plot", str(png)]) == 0
-    assert TABLE_1 in md.read_text(encoding="utf-8")
+    assert main(["report", str(run), "--output", str(md), "--plot", str(png),
+                 "--protocol", "extended"]) == 0
+    assert "| KVSmooth (λref = 0.5) | 50.0 | 85.7 |" in md.read_text(encoding="utf-8")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -126,7 +204,7 @@ def test_plot_without_matplotlib_says_what_to_install(
 ) -> None:
     run = make_run(tmp_path)
     annotations = load_annotations(tmp_path / "instances.json", tmp_path / "captions.json")
-    rows = evaluate_run(run, annotations)
+    rows = evaluate_run(run, annotations, ReportOptions(chair_protocol="extended"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(EvalError, match=r"pykvsmooth\[plot\]"):
         plot_precision_recall(rows, tmp_path / "pr.png")
@@ -136,7 +214,7 @@ def test_run_without_captions(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     run = make_run(tmp_path)
     for f in run.glob("*.jsonl"):
         f.unlink()
-    assert main(["report", str(run)]) == 1
+    assert main(["report", str(run), "--protocol", "extended"]) == 1
     assert "no captions yet" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 1
     assert "run.json: no such file" in capsys.readouterr().err

@@ -450,7 +450,8 @@ FA_ATOL = 0.1
 FA_ADAPTIVE = Params(mode="adaptive", queue=256, lambda_ref=0.3, window=0.3, layer_start=0, layer_end=6)
 FA_GRID = [
     pytest.param(Params(mode="fixed"), id="fixed-layers3-5-lref0.9"),
-    pytest.param(Params(mode="fixed", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5), id="fixed-layers0-6-lref0.5"),
+    pytest.param(Params(mode="fixed", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5),
+                 id="fixed-layers0-6-lref0.5"),
     pytest.param(FA_ADAPTIVE, id="adaptive-layers0-6-M256"),
     pytest.param(Params(mode="keys", queue=256, lambda_ref=0.3, window=0.3, layer_start=1, layer_end=4),
                  id="keys-layers1-4-M256"),
@@ -678,23 +679,24 @@ def test_unsupported_cache_type_is_refused(model: Model, log: LogCapture, flash_
         assert _state(ctx) == (False, None)
 
 
-def _write_tiny_gemma2(path: Path) -> None:
-    """A 2-layer Gemma-2: its alternating sliding-window layers give the context an iSWA memory
-    (two KV caches), which KVSmooth does not serve."""
+def _write_tiny_mamba(path: Path) -> None:
+    """A 2-layer Mamba: purely recurrent memory, no KV cache cells for KVSmooth to smooth."""
     import gguf
 
     tok, scores, types = maker.build_vocab()
-    E, H, F, n_layer = 64, 2, 128, 2
+    E, n_layer, d_inner, d_state, d_conv, dt_rank = 64, 2, 128, 8, 4, 4
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "gemma2")
+    w = gguf.GGUFWriter(str(path), "mamba")
     w.add_context_length(256)
     w.add_embedding_length(E)
     w.add_block_count(n_layer)
-    w.add_feed_forward_length(F)
-    w.add_head_count(H)
-    w.add_head_count_kv(H)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_ssm_conv_kernel(d_conv)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(d_state)
+    w.add_ssm_time_step_rank(dt_rank)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_sliding_window(16)
     w.add_tokenizer_model("llama")
     w.add_token_list(tok)
     w.add_token_scores(scores)
@@ -703,31 +705,179 @@ def _write_tiny_gemma2(path: Path) -> None:
     def add(name: str, *shape: int) -> None:
         w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
 
+    # NumPy shapes are ggml's ne reversed (src/models/mamba.cpp)
     add("token_embd.weight", len(tok), E)
     add("output_norm.weight", E)
     for i in range(n_layer):
-        for name, shape in [("attn_norm", (E,)), ("attn_q", (E, E)), ("attn_k", (E, E)), ("attn_v", (E, E)),
-                            ("attn_output", (E, E)), ("post_attention_norm", (E,)), ("ffn_norm", (E,)),
-                            ("ffn_gate", (F, E)), ("ffn_up", (F, E)), ("ffn_down", (E, F)), ("post_ffw_norm", (E,))]:
-            add(f"blk.{i}.{name}.weight", *shape)
+        for name, shape in [("attn_norm.weight", (E,)), ("ssm_in.weight", (2 * d_inner, E)),
+                            ("ssm_conv1d.weight", (d_inner, d_conv)), ("ssm_conv1d.bias", (d_inner,)),
+                            ("ssm_x.weight", (dt_rank + 2 * d_state, d_inner)), ("ssm_dt.weight", (d_inner, dt_rank)),
+                            ("ssm_dt.bias", (d_inner,)), ("ssm_a", (d_inner, d_state)), ("ssm_d", (d_inner,)),
+                            ("ssm_out.weight", (E, d_inner))]:
+            add(f"blk.{i}.{name}", *shape)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
+def _last_error(ctx: Any) -> str:
+    """llama_kvsmooth_last_error, bound here so that this file tests the C API on its own."""
+    fn = L._lib.llama_kvsmooth_last_error
+    fn.argtypes, fn.restype = [L.llama_context_p_ctypes], ctypes.c_char_p
+    return fn(ctx).decode()
+
+
 def test_unsupported_architecture_is_refused(tmp_path: Path, log: LogCapture) -> None:
-    path = tmp_path / "tiny-gemma2.gguf"
-    _write_tiny_gemma2(path)
+    """A purely recurrent model is refused with its architecture and the reason, through the log and
+    llama_kvsmooth_last_error (SPEC §4: "a model it cannot serve gets a clear error")."""
+    path = tmp_path / "tiny-mamba.gguf"
+    _write_tiny_mamba(path)
     ptr = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
-    assert ptr, "the tiny Gemma-2 did not load"
+    assert ptr, "the tiny Mamba did not load"
     try:
         with context(Model(ptr, 0, 2), None) as ctx:
             p = _capi.llama_kvsmooth_default_params()
             p.layer_start, p.layer_end = 0, 2  # valid for 2 layers: the architecture is what fails
             rc, errors = _set(ctx, log, p)
             assert rc == _capi.LLAMA_KVSMOOTH_ERR_UNSUPPORTED
-            assert any("gemma2" in line and "not supported" in line for line in errors), errors
+            assert any("mamba" in line and "not supported" in line and "recurrent" in line for line in errors), errors
+            message = _last_error(ctx)
+            assert "mamba" in message and "recurrent" in message, message
             assert _state(ctx) == (False, None)
     finally:
         L.llama_model_free(ptr)
+
+
+def _pause(ctx: Any, paused: bool) -> None:
+    fn = L._lib.llama_kvsmooth_pause
+    fn.argtypes, fn.restype = [L.llama_context_p_ctypes, ctypes.c_bool], None
+    fn(ctx, paused)
+
+
+def test_paused_prompt_with_outputs_equals_unsmoothed_prompt(model: Model, workload: tuple[list[int], list[int]],
+                                                             reference: Callable[..., RefRun]) -> None:
+    """llama_kvsmooth_pause: a prompt decoded with output on every token while paused is stored
+    unsmoothed and leaves no queue behind (no trace); the generation after it equals the reference,
+    whose prompt is never smoothed. Without the pause the same prompt smooths its outputs."""
+    prompt, gen = workload
+    params = Params(mode="adaptive", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5)
+    want = reference(params, prompt, gen[:10])
+
+    with context(model, params) as ctx:
+        batch = Batch(len(prompt))
+        try:
+            _pause(ctx, True)
+            batch.decode(ctx, [(t, i, 0, True) for i, t in enumerate(prompt[:-1])])
+            assert _capi.llama_kvsmooth_trace_n(ctx) == 0  # nothing smoothed, nothing queued
+            _pause(ctx, False)
+        finally:
+            batch.free()
+        rows, trace = [], []
+        b1 = Batch(1)
+        try:
+            for j, tok in enumerate([prompt[-1]] + list(gen[:10])):
+                b1.decode(ctx, [(tok, len(prompt) - 1 + j, 0, True)])
+                rows.append(logits_row(ctx, -1, model.n_vocab))
+                trace.append(read_trace(ctx))
+        finally:
+            b1.free()
+        run = Run(np.array(rows), trace)
+        assert max_diff(run.logits, want.logits) <= LOGIT_ATOL
+        check_trace(run, want, params, len(prompt))
+
+    # the same prompt unpaused: its output tokens are generation steps and change the cache
+    with context(model, params) as ctx:
+        batch = Batch(len(prompt))
+        try:
+            batch.decode(ctx, [(t, i, 0, True) for i, t in enumerate(prompt[:-1])])
+            assert _capi.llama_kvsmooth_trace_n(ctx) == len(prompt[:-1]) * len(params.layers)
+        finally:
+            batch.free()
+
+
+class _SeqParams(ctypes.Structure):
+    # struct llama_kvsmooth_seq_params { bool enabled; float lambda_ref; float window; enum llama_kvsmooth_mode mode; };
+    _fields_ = [("enabled", ctypes.c_bool), ("lambda_ref", ctypes.c_float), ("window", ctypes.c_float),
+                ("mode", ctypes.c_int)]
+
+
+def _set_seq(ctx: Any, seq: int, params: Params | None, enabled: bool = True) -> int:
+    fn = L._lib.llama_kvsmooth_set_seq
+    fn.argtypes, fn.restype = [L.llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(_SeqParams)], ctypes.c_int32
+    if params is None and enabled:
+        return int(fn(ctx, seq, None))
+    sp = _SeqParams(enabled, params.lambda_ref if params else 0.0, params.window if params else 0.0,
+                    MODES[params.mode] if params else 0)
+    return int(fn(ctx, seq, ctypes.byref(sp)))
+
+
+# seq 0 keeps the context's setting; seq 1 gets its own (same layer range and queue), or none
+PER_SEQ = [
+    pytest.param(Params(mode="fixed", lambda_ref=0.5, window=0.5, layer_start=0, layer_end=6), id="fixed-0.5"),
+    pytest.param(Params(mode="keys", lambda_ref=0.7, window=0.1, layer_start=0, layer_end=6), id="keys-0.7"),
+    pytest.param(None, id="off"),
+]
+
+
+@pytest.mark.parametrize("seq1", PER_SEQ)
+def test_sequences_with_their_own_settings_in_one_batch(model: Model, reference, seq1: Params | None) -> None:
+    """llama_kvsmooth_set_seq: two sequences with different settings decode in one batch and each
+    gets exactly what it gets alone with that setting as the context's (SPEC §2; llama-server's
+    per-request settings)."""
+    ctx_params = Params(mode="adaptive", lambda_ref=0.5, window=0.5, layer_start=0, layer_end=6)
+    prompts = [tokens(model.n_vocab, N_PROMPT, seed=1), tokens(model.n_vocab, 33, seed=3)]
+    gens = [tokens(model.n_vocab, 30, seed=2), tokens(model.n_vocab, 30, seed=4)]
+    settings = [ctx_params, seq1]
+    kw: dict[str, Any] = dict(n_seq_max=2)
+    alone = []
+    for seq in (0, 1):
+        with context(model, settings[seq], **kw) as ctx:
+            alone.append(run_native(ctx, model.n_vocab, prompts[seq], gens[seq], seq=seq))
+
+    rows: list[list[np.ndarray]] = [[], []]
+    traces: list[list[list[TraceRec]]] = [[], []]
+    with context(model, ctx_params, **kw) as ctx:
+        assert _set_seq(ctx, 1, seq1, enabled=seq1 is not None) == 0
+        assert _set_seq(ctx, 2, None) == _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM  # n_seq_max = 2
+        assert "seq_id" in _last_error(ctx)
+        batch = Batch(len(prompts[0]) + len(prompts[1]), n_seq_max=2)
+        try:
+            items = [(t, i, seq, i == len(p) - 1) for seq, p in enumerate(prompts) for i, t in enumerate(p)]
+            for step in range(1 + len(gens[0])):
+                if step:
+                    items = [(gens[seq][step - 1], len(prompts[seq]) + step - 1, seq, True) for seq in (0, 1)]
+                batch.decode(ctx, items)
+                out = [i for i, it in enumerate(items) if it[3]]
+                trace = read_trace(ctx)
+                for seq in (0, 1):
+                    rows[seq].append(logits_row(ctx, out[seq], model.n_vocab))
+                    traces[seq].append([r for r in trace if r.seq_id == seq])
+        finally:
+            batch.free()
+
+    for seq in (0, 1):
+        t, a = Run(np.array(rows[seq]), traces[seq]), alone[seq]
+        assert max_diff(t.logits, a.logits) <= TOGETHER_ATOL
+        assert [[(r.pos, r.layer, r.rank, r.lam, r.applied) for r in step] for step in t.trace] == \
+               [[(r.pos, r.layer, r.rank, r.lam, r.applied) for r in step] for step in a.trace]
+        if settings[seq] is None:
+            assert all(step == [] for step in t.trace)
+        else:
+            want = reference(settings[seq], prompts[seq], gens[seq])
+            assert max_diff(t.logits, want.logits) <= LOGIT_ATOL
+
+
+def test_set_seq_needs_kvsmooth_and_valid_values(model: Model) -> None:
+    with context(model, None) as ctx:
+        assert _set_seq(ctx, 0, None) == _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM
+        assert "llama_kvsmooth_set" in _last_error(ctx)
+    with context(model, VALID) as ctx:
+        bad = dataclasses.replace(VALID, lambda_ref=1.5)
+        assert _set_seq(ctx, 0, bad) == _capi.LLAMA_KVSMOOTH_ERR_INVALID_PARAM
+        assert "lambda_ref" in _last_error(ctx)
+        sp = _SeqParams()
+        fn = L._lib.llama_kvsmooth_get_seq
+        fn.argtypes, fn.restype = [L.llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(_SeqParams)], ctypes.c_bool
+        assert fn(ctx, 0, ctypes.byref(sp))  # unchanged: the context's
+        assert sp.enabled and sp.lambda_ref == pytest.approx(VALID.lambda_ref) and sp.mode == MODES[VALID.mode]

@@ -3,11 +3,17 @@
 #include "llama-arch.h"
 #include "llama-context.h"
 #include "llama-impl.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-memory-hybrid.h"
+#include "llama-memory-hybrid-iswa.h"
+#include "llama-memory-recurrent.h"
 #include "llama-model.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdarg>
+#include <cstdio>
 #include <iterator>
 #include <map>
 #include <string>
@@ -36,11 +42,93 @@ static bool llama_kvsmooth_type_supported(ggml_type type) {
     return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 || type == GGML_TYPE_Q8_0;
 }
 
+// logs the reason of a refusal and keeps it for llama_kvsmooth_last_error; always false
+static bool llama_kvsmooth_vfail(int32_t * err, std::string * msg, int32_t code, const char * fmt, va_list args) {
+    char buf[1024];
+    vsnprintf(buf, sizeof(buf), fmt, args);
+    LLAMA_LOG_ERROR("llama_kvsmooth: %s\n", buf);
+    *msg = buf;
+    *err = code;
+    return false;
+}
+
+static bool llama_kvsmooth_fail(int32_t * err, std::string * msg, int32_t code, const char * fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    llama_kvsmooth_vfail(err, msg, code, fmt, args);
+    va_end(args);
+    return false;
+}
+
+// the values that do not depend on the model; the layer range is checked by llama_kvsmooth::create
+static bool llama_kvsmooth_check_params(const llama_kvsmooth_params & p, int32_t * err, std::string * msg) {
+    if (!std::isfinite(p.lambda_ref) || p.lambda_ref < 0.0f || p.lambda_ref > 1.0f) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid lambda_ref = %g: allowed values are [0, 1]", p.lambda_ref);
+    }
+    if (!std::isfinite(p.window) || p.window < 0.0f) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid window = %g: allowed values are >= 0", p.window);
+    }
+    if (p.queue < 1 || p.queue > GGML_KVSMOOTH_MAX_QUEUE) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid queue = %d: allowed values are [1, %d]", p.queue, GGML_KVSMOOTH_MAX_QUEUE);
+    }
+    if (!std::isfinite(p.eps) || p.eps < 0.0f || p.eps >= 1.0f) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid eps = %g: allowed values are [0, 1)", p.eps);
+    }
+    if (p.mode != LLAMA_KVSMOOTH_MODE_ADAPTIVE && p.mode != LLAMA_KVSMOOTH_MODE_FIXED && p.mode != LLAMA_KVSMOOTH_MODE_KEYS) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid mode = %d: allowed values are %d (adaptive), %d (fixed), %d (keys)", (int) p.mode,
+                LLAMA_KVSMOOTH_MODE_ADAPTIVE, LLAMA_KVSMOOTH_MODE_FIXED, LLAMA_KVSMOOTH_MODE_KEYS);
+    }
+
+    return true;
+}
+
+// the KV caches of a memory module that hold attention cells, base before sliding window; empty with
+// *why set when the memory has none that KVSmooth can smooth
+static std::vector<llama_kv_cache *> llama_kvsmooth_caches_of(llama_memory_i * mem, const char ** why) {
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return { kv };
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return { iswa->get_base(), iswa->get_swa() };
+    }
+    if (auto * hybrid = dynamic_cast<llama_memory_hybrid *>(mem)) {
+        return { hybrid->get_mem_attn() };
+    }
+    if (auto * hybrid = dynamic_cast<llama_memory_hybrid_iswa *>(mem)) {
+        return { hybrid->get_mem_attn()->get_base(), hybrid->get_mem_attn()->get_swa() };
+    }
+    if (dynamic_cast<llama_memory_recurrent *>(mem)) {
+        *why = "its memory is purely recurrent: there are no KV cache cells to smooth";
+    } else if (mem == nullptr) {
+        *why = "the context has no memory";
+    } else {
+        *why = "its memory module is not a standard KV cache (one of llama.cpp's KV, iSWA or hybrid caches)";
+    }
+    return {};
+}
+
+// the same for a memory context: the contexts of those caches, in the same order
+static std::vector<const llama_kv_cache_context *> llama_kvsmooth_contexts_of(const llama_memory_context_i * mctx) {
+    if (auto * kv = dynamic_cast<const llama_kv_cache_context *>(mctx)) {
+        return { kv };
+    }
+    if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
+        return { iswa->get_base(), iswa->get_swa() };
+    }
+    if (auto * hybrid = dynamic_cast<const llama_memory_hybrid_context *>(mctx)) {
+        return { hybrid->get_attn() };
+    }
+    if (auto * hybrid = dynamic_cast<const llama_memory_hybrid_iswa_context *>(mctx)) {
+        return { hybrid->get_attn()->get_base(), hybrid->get_attn()->get_swa() };
+    }
+    return {};
+}
+
 //
 // llama_kvsmooth
 //
 
-llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, llama_kv_cache * kv, uint32_t n_slot) :
+llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot) :
     params(params),
     id([] {
         // never 0, which stands for "disabled" in llm_graph_params
@@ -48,26 +136,83 @@ llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, llama_kv_ca
         return ++counter;
     }()),
     n_slot(n_slot),
-    kv(kv),
+    caches(std::move(caches)),
     src_of(n_slot),
-    used(n_slot, 0) {
+    used(n_slot, 0),
+    seq_params(n_slot, llama_kvsmooth_seq_params { true, params.lambda_ref, params.window, params.mode }) {
     for (uint32_t s = 0; s < n_slot; ++s) {
         src_of[s] = (int32_t) s;
     }
 }
 
+void llama_kvsmooth::set_seq_setting(llama_seq_id seq_id, const llama_kvsmooth_seq_params & setting) {
+    seq_params[seq_id] = setting;
+
+    // a queue ranked under another setting says nothing about this one
+    reset(seq_id);
+}
+
+static bool llama_kvsmooth_same_setting(const llama_kvsmooth_seq_params & a, const llama_kvsmooth_seq_params & b) {
+    return a.enabled == b.enabled && a.lambda_ref == b.lambda_ref && a.window == b.window && a.mode == b.mode;
+}
+
+int32_t llama_kvsmooth::group_index(const std::vector<group> & groups, const llama_kvsmooth_seq_params & setting) {
+    if (!setting.enabled) {
+        return -1;
+    }
+    for (size_t g = 0; g < groups.size(); ++g) {
+        if (llama_kvsmooth_same_setting(groups[g].setting, setting)) {
+            return (int32_t) g;
+        }
+    }
+    return -1;
+}
+
+std::vector<llama_kvsmooth::group> llama_kvsmooth::groups_of(const llama_ubatch & ubatch) const {
+    // the sequences with generation-step tokens, lowest first
+    std::vector<int64_t> n_per_seq(n_slot, 0);
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        if (ubatch.output[i]) {
+            const llama_seq_id seq = ubatch.seq_id[i][0];
+            GGML_ASSERT(seq >= 0 && (uint32_t) seq < n_slot);
+            n_per_seq[seq]++;
+        }
+    }
+
+    std::vector<group> res;
+    for (uint32_t s = 0; s < n_slot; ++s) {
+        if (n_per_seq[s] == 0 || !seq_params[s].enabled) {
+            continue;
+        }
+        const int32_t g = group_index(res, seq_params[s]);
+        if (g < 0) {
+            res.push_back({ seq_params[s], n_per_seq[s] });
+        } else {
+            res[g].n_tokens += n_per_seq[s];
+        }
+    }
+
+    return res;
+}
+
 llama_kvsmooth::~llama_kvsmooth() {
     if (connected) {
-        kv->set_seq_observer(nullptr);
+        for (llama_kv_cache * kv : caches) {
+            kv->set_seq_observer(nullptr);
+        }
     }
 }
 
 std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         const llama_context & lctx,
         const llama_kvsmooth_params & params_in,
-        int32_t * err) {
-    const auto fail = [err](int32_t code) -> std::unique_ptr<llama_kvsmooth> {
-        *err = code;
+        int32_t * err,
+        std::string * msg) {
+    const auto fail = [err, msg](int32_t code, const char * fmt, ...) -> std::unique_ptr<llama_kvsmooth> {
+        va_list args;
+        va_start(args, fmt);
+        llama_kvsmooth_vfail(err, msg, code, fmt, args);
+        va_end(args);
         return nullptr;
     };
 
@@ -83,42 +228,23 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
     // parameters
     //
 
-    if (!std::isfinite(p.lambda_ref) || p.lambda_ref < 0.0f || p.lambda_ref > 1.0f) {
-        LLAMA_LOG_ERROR("%s: invalid lambda_ref = %g: allowed values are [0, 1]\n", __func__, p.lambda_ref);
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
+    if (!llama_kvsmooth_check_params(p, err, msg)) {
+        return nullptr;
     }
-    if (!std::isfinite(p.window) || p.window < 0.0f) {
-        LLAMA_LOG_ERROR("%s: invalid window = %g: allowed values are >= 0\n", __func__, p.window);
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
-    }
-    if (p.queue < 1 || p.queue > GGML_KVSMOOTH_MAX_QUEUE) {
-        LLAMA_LOG_ERROR("%s: invalid queue = %d: allowed values are [1, %d]\n", __func__, p.queue, GGML_KVSMOOTH_MAX_QUEUE);
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
-    }
-    if (!std::isfinite(p.eps) || p.eps < 0.0f || p.eps >= 1.0f) {
-        LLAMA_LOG_ERROR("%s: invalid eps = %g: allowed values are [0, 1)\n", __func__, p.eps);
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
-    }
-    if (p.mode != LLAMA_KVSMOOTH_MODE_ADAPTIVE && p.mode != LLAMA_KVSMOOTH_MODE_FIXED && p.mode != LLAMA_KVSMOOTH_MODE_KEYS) {
-        LLAMA_LOG_ERROR("%s: invalid mode = %d: allowed values are %d (adaptive), %d (fixed), %d (keys)\n", __func__, (int) p.mode,
-                LLAMA_KVSMOOTH_MODE_ADAPTIVE, LLAMA_KVSMOOTH_MODE_FIXED, LLAMA_KVSMOOTH_MODE_KEYS);
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
-    }
+
     if (p.layer_start < -1 || p.layer_end < -1) {
-        LLAMA_LOG_ERROR("%s: invalid layer range [%d, %d): allowed values are -1 (default) or 0 <= layer_start < layer_end <= n_layer = %d\n",
-                __func__, p.layer_start, p.layer_end, n_layer);
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
+        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid layer range [%d, %d): allowed values are -1 (default) or 0 <= layer_start < layer_end <= n_layer = %d",
+                p.layer_start, p.layer_end, n_layer);
     }
 
     p.layer_start = p.layer_start == -1 ? LLAMA_KVSMOOTH_DEFAULT_LAYER_START : p.layer_start;
     p.layer_end   = p.layer_end   == -1 ? n_layer - 1                        : p.layer_end;
 
     if (p.layer_start >= p.layer_end || p.layer_end > n_layer) {
-        LLAMA_LOG_ERROR("%s: invalid layer range [layer_start = %d, layer_end = %d) (from %d, %d; -1 selects [%d, n_layer - 1)): "
-                "allowed values are 0 <= layer_start < layer_end <= n_layer = %d\n",
-                __func__, p.layer_start, p.layer_end, params_in.layer_start, params_in.layer_end,
+        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid layer range [layer_start = %d, layer_end = %d) (from %d, %d; -1 selects [%d, n_layer - 1)): "
+                "allowed values are 0 <= layer_start < layer_end <= n_layer = %d",
+                p.layer_start, p.layer_end, params_in.layer_start, params_in.layer_end,
                 LLAMA_KVSMOOTH_DEFAULT_LAYER_START, n_layer);
-        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
     }
 
     //
@@ -127,51 +253,68 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
 
     const char * arch_name = llm_arch_name(model.arch);
 
-    // recurrent, hybrid and sliding-window (iSWA) models have other memory modules
-    auto * kv = dynamic_cast<llama_kv_cache *>(lctx.get_memory());
-    if (kv == nullptr) {
-        LLAMA_LOG_ERROR("%s: architecture %s is not supported: KVSmooth needs a model whose memory is a single "
-                "standard KV cache (not recurrent, hybrid or sliding-window)\n", __func__, arch_name);
-        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED);
-    }
     if (hparams.is_mla()) {
-        LLAMA_LOG_ERROR("%s: architecture %s is not supported: multi-head latent attention (MLA) caches have no V rows\n", __func__, arch_name);
-        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED);
-    }
-    if (hparams.swa_type != LLAMA_SWA_TYPE_NONE) {
-        LLAMA_LOG_ERROR("%s: architecture %s is not supported: sliding-window attention\n", __func__, arch_name);
-        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED);
+        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "architecture %s is not supported: multi-head latent attention (MLA) caches have no V rows to smooth", arch_name);
     }
     if (cparams.training) {
-        LLAMA_LOG_ERROR("%s: not supported on a training context\n", __func__);
-        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED);
+        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "not supported on a training context");
+    }
+    if (cparams.embeddings) {
+        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "not supported on an embeddings context: every token has output there, "
+                "so there are no generation steps to smooth (SPEC §2)");
     }
 
-    const ggml_type type_k = kv->type_k();
-    const ggml_type type_v = kv->type_v();
+    const char * why = nullptr;
 
-    if (!llama_kvsmooth_type_supported(type_k) || !llama_kvsmooth_type_supported(type_v)) {
-        LLAMA_LOG_ERROR("%s: KV cache type K = %s, V = %s is not supported: allowed types are f32, f16, bf16, q8_0\n",
-                __func__, ggml_type_name(type_k), ggml_type_name(type_v));
-        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED);
+    std::vector<llama_kv_cache *> caches = llama_kvsmooth_caches_of(lctx.get_memory(), &why);
+    if (caches.empty()) {
+        return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "architecture %s is not supported: %s", arch_name, why);
     }
 
-    const std::vector<uint32_t> kv_layers = kv->get_layer_ids();
+    // the cache of each layer (-1: the layer owns no KV cells: a recurrent, convolution or KV-sharing layer)
+    std::vector<int32_t> layer_cache(n_layer, -1);
 
-    for (int32_t il = p.layer_start; il < p.layer_end; ++il) {
-        if (std::find(kv_layers.begin(), kv_layers.end(), (uint32_t) il) == kv_layers.end()) {
-            LLAMA_LOG_ERROR("%s: invalid layer range [%d, %d): layer %d has no KV cache\n", __func__, p.layer_start, p.layer_end, il);
-            return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM);
+    for (size_t ic = 0; ic < caches.size(); ++ic) {
+        for (uint32_t il : caches[ic]->get_layer_ids()) {
+            if ((int32_t) il < n_layer) {
+                layer_cache[il] = (int32_t) ic;
+            }
         }
     }
 
+    std::vector<int32_t> smoothed;
+    for (int32_t il = p.layer_start; il < p.layer_end; ++il) {
+        if (layer_cache[il] >= 0) {
+            smoothed.push_back(il);
+        }
+    }
+
+    if (smoothed.empty()) {
+        return fail(LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid layer range [%d, %d): none of these layers of %s has KV cache cells "
+                "(they are recurrent, convolution or KV-sharing layers); choose a range with attention layers",
+                p.layer_start, p.layer_end, arch_name);
+    }
+
+    for (size_t ic = 0; ic < caches.size(); ++ic) {
+        const ggml_type type_k = caches[ic]->type_k();
+        const ggml_type type_v = caches[ic]->type_v();
+
+        if (!llama_kvsmooth_type_supported(type_k) || !llama_kvsmooth_type_supported(type_v)) {
+            return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "KV cache type K = %s, V = %s is not supported: allowed types are f32, f16, bf16, q8_0",
+                    ggml_type_name(type_k), ggml_type_name(type_v));
+        }
+    }
+
+    // the scratch slot is the last state column
     const uint32_t n_slot = cparams.n_seq_max;
 
     //
     // devices: the op runs where each layer's cache is, so that device must support it
     //
 
-    {
+    for (int32_t il : smoothed) {
+        llama_kv_cache * kv = caches[layer_cache[il]];
+
         const uint32_t n_kv = std::min<uint32_t>(256, kv->get_size());
 
         llama_kv_cache::slot_info sinfo;
@@ -180,78 +323,74 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         sinfo.strm = { 0 };
         sinfo.idxs = { { 0 } };
 
-        for (int32_t il = p.layer_start; il < p.layer_end; ++il) {
-            ggml_init_params ip = {
-                /*.mem_size   =*/ 16*ggml_tensor_overhead(),
-                /*.mem_buffer =*/ nullptr,
-                /*.no_alloc   =*/ true,
-            };
-            ggml_context_ptr ctx { ggml_init(ip) };
+        ggml_init_params ip = {
+            /*.mem_size   =*/ 16*ggml_tensor_overhead(),
+            /*.mem_buffer =*/ nullptr,
+            /*.no_alloc   =*/ true,
+        };
+        ggml_context_ptr ctx { ggml_init(ip) };
 
-            const int64_t n_head = hparams.n_head(il);
-            const int64_t d_k    = hparams.n_embd_head_k(il);
-            const int64_t d_v    = hparams.n_embd_head_v(il);
+        const int64_t n_head = hparams.n_head(il);
+        const int64_t d_k    = hparams.n_embd_head_k(il);
+        const int64_t d_v    = hparams.n_embd_head_v(il);
 
-            ggml_tensor * k = kv->get_k(ctx.get(), il, n_kv, sinfo);
-            ggml_tensor * v = kv->get_v(ctx.get(), il, n_kv, sinfo);
+        ggml_tensor * k = kv->get_k(ctx.get(), il, n_kv, sinfo);
+        ggml_tensor * v = kv->get_v(ctx.get(), il, n_kv, sinfo);
 
-            const bool v_trans = v->nb[1] > v->nb[2];
+        const bool v_trans = v->nb[1] > v->nb[2];
 
-            if (v_trans && ggml_is_quantized(v->type)) {
-                LLAMA_LOG_ERROR("%s: a %s V cache needs flash attention\n", __func__, ggml_type_name(v->type));
-                return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED);
-            }
+        if (v_trans && ggml_is_quantized(v->type)) {
+            return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "a %s V cache needs flash attention", ggml_type_name(v->type));
+        }
 
-            ggml_tensor * ids   = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, 5, 1);
-            ggml_tensor * state = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, 1 + p.queue, n_slot);
-            ggml_tensor * after = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, d_v*n_head, 1);
+        ggml_tensor * ids   = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, 5, 1);
+        ggml_tensor * state = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, 1 + p.queue, n_slot + 1);
+        ggml_tensor * after = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, d_v*n_head, 1);
 
-            const auto mode = (ggml_kvsmooth_mode) p.mode;
+        const auto mode = (ggml_kvsmooth_mode) p.mode;
 
-            ggml_tensor * op;
-            if (cparams.flash_attn) {
-                ggml_tensor * q    = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, d_k, n_head, 1);
-                ggml_tensor * mask = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n_kv, 1, 1, 1);
+        ggml_tensor * op;
+        if (cparams.flash_attn) {
+            ggml_tensor * q    = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, d_k, n_head, 1);
+            ggml_tensor * mask = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n_kv, 1, 1, 1);
 
-                op = ggml_kvsmooth_ext(ctx.get(), q, k, v, mask, ids, state, after, 1.0f, hparams.f_max_alibi_bias,
-                        hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
-                        p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
-            } else {
-                ggml_tensor * kq = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, n_kv, 1, n_head, 1);
+            op = ggml_kvsmooth_ext(ctx.get(), q, k, v, mask, ids, state, after, 1.0f, hparams.f_max_alibi_bias,
+                    hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
+                    p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
+        } else {
+            ggml_tensor * kq = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, n_kv, 1, n_head, 1);
 
-                op = ggml_kvsmooth(ctx.get(), kq, k, v, ids, state, after, p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
-            }
+            op = ggml_kvsmooth(ctx.get(), kq, k, v, ids, state, after, p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
+        }
 
-            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv->get_k_storage(il)->buffer);
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv->get_k_storage(il)->buffer);
 
-            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-            if (dev == nullptr) {
-                dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-            }
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        if (dev == nullptr) {
+            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        }
 
-            if (dev == nullptr || !ggml_backend_dev_supports_op(dev, op)) {
-                LLAMA_LOG_ERROR("%s: the KV cache of layer %d is on device %s (%s), which does not support KVSmooth "
-                        "(K %s, V %s%s, flash attention %s)\n", __func__, il,
-                        dev ? ggml_backend_dev_name(dev) : "?", ggml_backend_buft_name(buft),
-                        ggml_type_name(k->type), ggml_type_name(v->type), v_trans ? " transposed" : "",
-                        cparams.flash_attn ? "on" : "off");
-                return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED);
-            }
+        if (dev == nullptr || !ggml_backend_dev_supports_op(dev, op)) {
+            return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "the KV cache of layer %d is on device %s (%s), which does not support KVSmooth "
+                    "(K %s, V %s%s, flash attention %s)", il,
+                    dev ? ggml_backend_dev_name(dev) : "?", ggml_backend_buft_name(buft),
+                    ggml_type_name(k->type), ggml_type_name(v->type), v_trans ? " transposed" : "",
+                    cparams.flash_attn ? "on" : "off");
         }
     }
 
     //
-    // state: one tensor per layer, in a buffer of the layer's K cache buffer type
+    // state: one tensor per smoothed layer, in a buffer of the layer's K cache buffer type
     //
 
-    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, kv, n_slot));
+    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, caches, n_slot));
 
     res->states.assign(n_layer, nullptr);
 
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
 
-    for (int32_t il = p.layer_start; il < p.layer_end; ++il) {
-        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv->get_k_storage(il)->buffer);
+    for (int32_t il : smoothed) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(caches[layer_cache[il]]->get_k_storage(il)->buffer);
 
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
@@ -263,7 +402,7 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
             it = ctx_map.emplace(buft, ggml_context_ptr { ggml_init(ip) }).first;
         }
 
-        ggml_tensor * state = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, 1 + p.queue, n_slot);
+        ggml_tensor * state = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, 1 + p.queue, n_slot + 1);
         ggml_format_name(state, "kvsmooth_state_l%d", il);
 
         res->states[il] = state;
@@ -274,8 +413,7 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
     for (auto & [buft, ctx] : ctx_map) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
         if (buf == nullptr) {
-            LLAMA_LOG_ERROR("%s: failed to allocate the KVSmooth state in %s\n", __func__, ggml_backend_buft_name(buft));
-            return fail(LLAMA_KVSMOOTH_ERR_ALLOC);
+            return fail(LLAMA_KVSMOOTH_ERR_ALLOC, "failed to allocate the KVSmooth state in %s", ggml_backend_buft_name(buft));
         }
 
         // count = 0: every queue starts empty
@@ -286,18 +424,26 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         res->ctxs_bufs.emplace_back(std::move(ctx), buf);
     }
 
-    LLAMA_LOG_INFO("%s: mode = %s, lambda_ref = %.3f, window = %.3f, queue = %d, layers = [%d, %d), eps = %g, trace = %d, "
-            "%u sequences, state = %.1f KiB\n", __func__,
-            llama_kvsmooth_mode_name(p.mode), p.lambda_ref, p.window, p.queue, p.layer_start, p.layer_end, p.eps, (int) p.trace,
-            n_slot, total/1024.0);
+    std::string layers;
+    for (int32_t il : smoothed) {
+        layers += (layers.empty() ? "" : ",") + std::to_string(il);
+    }
+
+    LLAMA_LOG_INFO("%s: mode = %s, lambda_ref = %.3f, window = %.3f, queue = %d, layers = [%d, %d) (smoothed: %s), eps = %g, trace = %d, "
+            "%u sequences, %zu KV cache(s), state = %.1f KiB\n", __func__,
+            llama_kvsmooth_mode_name(p.mode), p.lambda_ref, p.window, p.queue, p.layer_start, p.layer_end, layers.c_str(), p.eps, (int) p.trace,
+            n_slot, caches.size(), total/1024.0);
 
     *err = 0;
+    msg->clear();
 
     return res;
 }
 
 void llama_kvsmooth::connect() {
-    kv->set_seq_observer(this);
+    for (llama_kv_cache * kv : caches) {
+        kv->set_seq_observer(this);
+    }
     connected = true;
 }
 
@@ -423,7 +569,8 @@ void llama_kvsmooth::apply_pending(ggml_backend_sched_t sched) {
     }
 }
 
-void llama_kvsmooth::decode_begin() {
+void llama_kvsmooth::decode_begin(bool paused) {
+    this->paused = paused;
     trace.clear();
     cur_input = nullptr;
 }
@@ -443,149 +590,229 @@ void llama_kvsmooth::ubatch_done() {
 void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
     ks->cur_input = this;
 
-    // a token without output is a prompt token: its sequences start over (SPEC §2)
+    // a token without output is a prompt token, and so is every token of a paused decode: its
+    // sequences start over (SPEC §2)
     for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
-        if (!ubatch->output[i]) {
+        if (!ubatch->output[i] || ks->paused) {
             for (int32_t j = 0; j < ubatch->n_seq_id[i]; ++j) {
                 ks->reset(ubatch->seq_id[i][j]);
             }
         }
     }
 
-    col_seq.clear();
-    col_pos.clear();
+    col_seq.assign(groups.size(), {});
+    col_pos.assign(groups.size(), {});
 
-    if (ids == nullptr || ids->buffer == nullptr) {
+    const bool any_ids = std::any_of(parts.begin(), parts.end(), [](const cache_ids & part) {
+        return part.ids->buffer != nullptr;
+    });
+
+    if (!any_ids) {
         // no op node in this graph; the resets wait for the next one
         return;
     }
 
-    GGML_ASSERT(ggml_backend_buffer_is_host(ids->buffer));
-
-    const llama_kv_cache            * kv    = mctx->get_kv();
-    const llama_kv_cache::slot_info & sinfo = mctx->get_sinfo();
-
-    const uint32_t n_stream = sinfo.n_stream();
     const uint32_t n_tokens = ubatch->n_tokens;
-    const uint32_t n_kv     = mctx->get_n_kv();
 
-    GGML_ASSERT(n_tokens % n_stream == 0);
-
-    // tokens per stream: token i is the (i % n_tps)-th token of stream i / n_tps, as in the KQ mask
-    const uint32_t n_tps = n_tokens/n_stream;
-
-    struct column {
-        llama_seq_id seq;
-        llama_pos    pos;
-        int32_t      ii;
-        int32_t      strm;
-        int32_t      cell;
-        int32_t      prev;
-    };
-
-    std::vector<column> cols;
-    cols.reserve(ids->ne[1]);
-
+    // the generation-step tokens of each group, in the order the op updates a slot: by sequence, then position
+    std::vector<std::vector<uint32_t>> outputs(groups.size());
     for (uint32_t i = 0; i < n_tokens; ++i) {
-        if (!ubatch->output[i]) {
-            continue;
+        if (ubatch->output[i]) {
+            const int32_t g = llama_kvsmooth::group_index(groups, ks->seq_setting(ubatch->seq_id[i][0]));
+            if (g >= 0) {
+                outputs[g].push_back(i);
+            }
         }
-
-        const llama_seq_id seq = ubatch->seq_id[i][0];
-        const llama_pos    pos = ubatch->pos[i];
-
-        GGML_ASSERT(seq >= 0 && (uint32_t) seq < ks->n_slot);
-
-        const uint32_t s  = i / n_tps;
-        const uint32_t ii = i % n_tps;
-
-        // apply_ubatch() has stored this ubatch already, so an earlier token of the same ubatch counts
-        const auto & seq_pos = kv->get_cells(seq).seq_pos_get(seq);
-
-        auto it = seq_pos.lower_bound({ pos, 0 });
-
-        int32_t prev = -1;
-        if (it != seq_pos.begin()) {
-            prev = (int32_t) std::prev(it)->second;
-        }
-
-        // every occupied cell is below n_kv (get_n_kv covers used_max_p1)
-        GGML_ASSERT(prev < (int32_t) n_kv);
-
-        cols.push_back({ seq, pos, (int32_t) ii, (int32_t) s, (int32_t) sinfo.idxs[s][ii], prev });
     }
 
-    GGML_ASSERT((int64_t) cols.size() == ids->ne[1]);
+    for (size_t g = 0; g < groups.size(); ++g) {
+        // can_reuse compared the groups with this ubatch's
+        GGML_ASSERT((int64_t) outputs[g].size() == groups[g].n_tokens);
 
-    // the op updates a slot column by column: a sequence's tokens go in position order
-    std::stable_sort(cols.begin(), cols.end(), [](const column & a, const column & b) {
-        return a.seq != b.seq ? a.seq < b.seq : a.pos < b.pos;
-    });
+        std::stable_sort(outputs[g].begin(), outputs[g].end(), [ubatch](uint32_t a, uint32_t b) {
+            const llama_seq_id sa = ubatch->seq_id[a][0];
+            const llama_seq_id sb = ubatch->seq_id[b][0];
+            return sa != sb ? sa < sb : ubatch->pos[a] < ubatch->pos[b];
+        });
+    }
 
     ks->apply_pending(sched);
 
-    int32_t * data = (int32_t *) ids->data;
+    for (const cache_ids & part : parts) {
+        if (part.ids->buffer == nullptr) {
+            continue;
+        }
 
-    for (size_t j = 0; j < cols.size(); ++j) {
-        const auto & c = cols[j];
+        GGML_ASSERT(ggml_backend_buffer_is_host(part.ids->buffer));
 
-        data[5*j + 0] = c.ii;
-        data[5*j + 1] = c.strm;
-        data[5*j + 2] = c.cell;
-        data[5*j + 3] = c.prev;
-        data[5*j + 4] = c.seq;
+        const std::vector<uint32_t> & outs = outputs[part.group];
 
-        ks->mark_used(c.seq);
+        GGML_ASSERT((int64_t) outs.size() == part.ids->ne[1]);
 
-        col_seq.push_back(c.seq);
-        col_pos.push_back(c.pos);
+        const llama_kv_cache            * kv    = part.mctx->get_kv();
+        const llama_kv_cache::slot_info & sinfo = part.mctx->get_sinfo();
+
+        const uint32_t n_stream = sinfo.n_stream();
+        const uint32_t n_kv     = part.mctx->get_n_kv();
+
+        GGML_ASSERT(n_tokens % n_stream == 0);
+
+        // tokens per stream: token i is the (i % n_tps)-th token of stream i / n_tps, as in the KQ mask
+        const uint32_t n_tps = n_tokens/n_stream;
+
+        int32_t * data = (int32_t *) part.ids->data;
+
+        for (size_t j = 0; j < outs.size(); ++j) {
+            const uint32_t i = outs[j];
+
+            const llama_seq_id seq = ubatch->seq_id[i][0];
+            const llama_pos    pos = ubatch->pos[i];
+
+            const uint32_t strm = i / n_tps;
+            const uint32_t ii   = i % n_tps;
+
+            int32_t prev = -1;
+
+            if (!ks->paused) {
+                // apply_ubatch() has stored this ubatch already, so an earlier token of the same ubatch counts
+                const auto & seq_pos = kv->get_cells(seq).seq_pos_get(seq);
+
+                auto it = seq_pos.lower_bound({ pos, 0 });
+                if (it != seq_pos.begin()) {
+                    prev = (int32_t) std::prev(it)->second;
+                }
+
+                // every occupied cell is below n_kv (get_n_kv covers used_max_p1)
+                GGML_ASSERT(prev < (int32_t) n_kv);
+            }
+
+            data[5*j + 0] = (int32_t) ii;
+            data[5*j + 1] = (int32_t) strm;
+            data[5*j + 2] = (int32_t) sinfo.idxs[strm][ii];
+            data[5*j + 3] = prev;
+            data[5*j + 4] = ks->paused ? (int32_t) ks->n_slot : seq;
+        }
+    }
+
+    if (ks->paused) {
+        return;
+    }
+
+    for (size_t g = 0; g < groups.size(); ++g) {
+        for (uint32_t i : outputs[g]) {
+            ks->mark_used(ubatch->seq_id[i][0]);
+
+            col_seq[g].push_back(ubatch->seq_id[i][0]);
+            col_pos[g].push_back(ubatch->pos[i]);
+        }
     }
 }
 
 bool llm_graph_input_kvsmooth::can_reuse(const llm_graph_params & params) {
-    mctx  = static_cast<const llama_kv_cache_context *>(params.mctx);
     sched = params.sched;
 
-    return params.kvsmooth == ks;
+    if (params.kvsmooth != ks) {
+        return false;
+    }
+
+    const std::vector<llama_kvsmooth::group> groups_new = ks->groups_of(params.ubatch);
+
+    if (groups_new.size() != groups.size()) {
+        return false;
+    }
+    for (size_t g = 0; g < groups.size(); ++g) {
+        if (!llama_kvsmooth_same_setting(groups[g].setting, groups_new[g].setting) || groups[g].n_tokens != groups_new[g].n_tokens) {
+            return false;
+        }
+    }
+
+    const std::vector<const llama_kv_cache_context *> mctxs = llama_kvsmooth_contexts_of(params.mctx);
+
+    for (cache_ids & part : parts) {
+        auto it = std::find_if(mctxs.begin(), mctxs.end(), [&part](const llama_kv_cache_context * mctx) {
+            return mctx->get_kv() == part.mctx->get_kv();
+        });
+
+        if (it == mctxs.end()) {
+            return false;
+        }
+
+        part.mctx = *it;
+    }
+
+    return true;
+}
+
+ggml_tensor * llm_graph_input_kvsmooth::get_ids(ggml_context * ctx0, const llama_kv_cache_context * mctx_cur, size_t g) {
+    for (const cache_ids & part : parts) {
+        if (part.group == g && part.mctx->get_kv() == mctx_cur->get_kv()) {
+            return part.ids;
+        }
+    }
+
+    ggml_tensor * ids = ggml_new_tensor_2d(ctx0, GGML_TYPE_I32, 5, groups[g].n_tokens);
+    ggml_set_input(ids);
+    ggml_format_name(ids, "kvsmooth_ids-%zu", parts.size());
+
+    parts.push_back({ mctx_cur, g, ids });
+
+    return ids;
 }
 
 void llm_graph_input_kvsmooth::read_trace() {
-    if (results.empty() || col_seq.empty()) {
+    if (results.empty() || ks->paused) {
         return;
     }
 
     // the only synchronisation KVSmooth adds to a step, and only with tracing on
     ggml_backend_sched_synchronize(sched);
 
-    const size_t n = col_seq.size();
+    std::vector<llama_kvsmooth_trace_record> recs;
 
-    std::vector<std::vector<float>> data(results.size());
+    for (size_t g = 0; g < groups.size(); ++g) {
+        const size_t n = col_seq[g].size();
+        if (n == 0) {
+            continue;
+        }
 
-    for (size_t l = 0; l < results.size(); ++l) {
-        ggml_tensor * t = results[l].second;
+        std::vector<std::pair<int32_t, std::vector<float>>> data;
 
-        GGML_ASSERT((size_t) t->ne[1] == n);
+        for (const result & r : results) {
+            if (r.group != g) {
+                continue;
+            }
 
-        data[l].resize(4*n);
-        ggml_backend_tensor_get(t, data[l].data(), 0, 4*n*sizeof(float));
-    }
+            GGML_ASSERT((size_t) r.t->ne[1] == n);
 
-    for (size_t j = 0; j < n; ++j) {
-        for (size_t l = 0; l < results.size(); ++l) {
-            const float * r = data[l].data() + 4*j;
+            std::vector<float> d(4*n);
+            ggml_backend_tensor_get(r.t, d.data(), 0, 4*n*sizeof(float));
+            data.emplace_back(r.layer, std::move(d));
+        }
 
-            llama_kvsmooth_trace_record rec;
-            rec.seq_id  = col_seq[j];
-            rec.pos     = col_pos[j];
-            rec.layer   = results[l].first;
-            rec.z       = r[0];
-            rec.lambda  = r[1];
-            rec.rank    = (int32_t) r[2];
-            rec.applied = r[3] != 0.0f;
+        for (size_t j = 0; j < n; ++j) {
+            for (const auto & [layer, d] : data) {
+                const float * r = d.data() + 4*j;
 
-            ks->trace.push_back(rec);
+                llama_kvsmooth_trace_record rec;
+                rec.seq_id  = col_seq[g][j];
+                rec.pos     = col_pos[g][j];
+                rec.layer   = layer;
+                rec.z       = r[0];
+                rec.lambda  = r[1];
+                rec.rank    = (int32_t) r[2];
+                rec.applied = r[3] != 0.0f;
+
+                recs.push_back(rec);
+            }
         }
     }
+
+    // by token (sequence, position), then layer, whatever the groups
+    std::stable_sort(recs.begin(), recs.end(), [](const llama_kvsmooth_trace_record & a, const llama_kvsmooth_trace_record & b) {
+        return a.seq_id != b.seq_id ? a.seq_id < b.seq_id : a.pos < b.pos;
+    });
+
+    ks->trace.insert(ks->trace.end(), recs.begin(), recs.end());
 }
 
 //
@@ -593,7 +820,8 @@ void llm_graph_input_kvsmooth::read_trace() {
 //
 
 void llm_graph_context::build_kvsmooth(
-        llm_graph_input_attn_kv * inp,
+        const llama_kv_cache_context * mctx_cur,
+        ggml_tensor * kq_mask,
         ggml_tensor * q,
         ggml_tensor * k,
         ggml_tensor * v,
@@ -607,70 +835,71 @@ void llm_graph_context::build_kvsmooth(
     // the input takes part in every graph while KVSmooth is on, op nodes or not: its set_input also
     // sees the prompt tokens that reset the queues
     if (inp_kvsmooth == nullptr) {
-        auto inp_ks = std::make_unique<llm_graph_input_kvsmooth>(kvsmooth, inp->mctx, sched);
+        auto inp_ks = std::make_unique<llm_graph_input_kvsmooth>(kvsmooth, sched, kvsmooth->groups_of(ubatch));
 
         inp_kvsmooth = (llm_graph_input_kvsmooth *) res->add_input(std::move(inp_ks));
     }
 
     ggml_tensor * state = kvsmooth->get_state(il);
 
-    if (state == nullptr || n_outputs == 0) {
+    if (state == nullptr) {
         return;
-    }
-
-    if (inp_kvsmooth->ids == nullptr) {
-        inp_kvsmooth->ids = ggml_new_tensor_2d(ctx0, GGML_TYPE_I32, 5, n_outputs);
-        ggml_set_input(inp_kvsmooth->ids);
-        cb(inp_kvsmooth->ids, "kvsmooth_ids", -1);
     }
 
     const auto & p = kvsmooth->params;
 
-    const auto mode    = (ggml_kvsmooth_mode) p.mode;
     const bool v_trans = v->nb[1] > v->nb[2];
 
-    ggml_tensor * cur;
+    for (size_t g = 0; g < inp_kvsmooth->groups.size(); ++g) {
+        const llama_kvsmooth_seq_params & setting = inp_kvsmooth->groups[g].setting;
 
-    if (kq) {
-        cur = ggml_kvsmooth(ctx0, kq, k, v, inp_kvsmooth->ids, state, kqv_out,
-                p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
-    } else {
-        // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
-        cur = ggml_kvsmooth_ext(ctx0, q, k, v, inp->get_kq_mask(), inp_kvsmooth->ids, state, kqv_out,
-                kq_scale, hparams.f_max_alibi_bias, hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
-                p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
-        ggml_kvsmooth_add_sinks(cur, sinks);
-    }
+        ggml_tensor * ids = inp_kvsmooth->get_ids(ctx0, mctx_cur, g);
 
-    cb(cur, "kvsmooth", il);
+        const auto mode = (ggml_kvsmooth_mode) setting.mode;
 
-    if (p.trace) {
-        ggml_set_output(cur);
-    }
+        ggml_tensor * cur;
 
-    // the op writes the cache rows and the state in place, so it must run on a backend that uses
-    // their buffer directly: a copy on another backend would be updated and thrown away
-    {
-        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(state->buffer);
-
-        ggml_backend_t backend = nullptr;
-        for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
-            ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
-            if (ggml_backend_supports_buft(b, buft) && ggml_backend_supports_op(b, cur)) {
-                backend = b;
-                break;
-            }
+        if (kq) {
+            cur = ggml_kvsmooth(ctx0, kq, k, v, ids, state, kqv_out,
+                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+        } else {
+            // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
+            cur = ggml_kvsmooth_ext(ctx0, q, k, v, kq_mask, ids, state, kqv_out,
+                    kq_scale, hparams.f_max_alibi_bias, hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
+                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+            ggml_kvsmooth_add_sinks(cur, sinks);
         }
 
-        // llama_kvsmooth::create() checked the device
-        GGML_ASSERT(backend != nullptr);
+        cb(cur, "kvsmooth", il);
 
-        ggml_backend_sched_set_tensor_backend(sched, cur, backend);
+        if (p.trace) {
+            ggml_set_output(cur);
+        }
+
+        // the op writes the cache rows and the state in place, so it must run on a backend that uses
+        // their buffer directly: a copy on another backend would be updated and thrown away
+        {
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(state->buffer);
+
+            ggml_backend_t backend = nullptr;
+            for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+                ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+                if (ggml_backend_supports_buft(b, buft) && ggml_backend_supports_op(b, cur)) {
+                    backend = b;
+                    break;
+                }
+            }
+
+            // llama_kvsmooth::create() checked the device
+            GGML_ASSERT(backend != nullptr);
+
+            ggml_backend_sched_set_tensor_backend(sched, cur, backend);
+        }
+
+        ggml_build_forward_expand(gf, cur);
+
+        inp_kvsmooth->results.push_back({ il, g, cur });
     }
-
-    ggml_build_forward_expand(gf, cur);
-
-    inp_kvsmooth->results.emplace_back(il, cur);
 }
 
 //
@@ -695,12 +924,15 @@ struct llama_kvsmooth_params llama_kvsmooth_default_params(void) {
 int32_t llama_kvsmooth_set(llama_context * ctx, const llama_kvsmooth_params * params) {
     if (ctx == nullptr || params == nullptr) {
         LLAMA_LOG_ERROR("%s: ctx and params must not be NULL\n", __func__);
+        if (ctx) {
+            ctx->kvsmooth_error = "params must not be NULL";
+        }
         return LLAMA_KVSMOOTH_ERR_INVALID_PARAM;
     }
 
     int32_t err = 0;
 
-    std::unique_ptr<llama_kvsmooth> ks = llama_kvsmooth::create(*ctx, *params, &err);
+    std::unique_ptr<llama_kvsmooth> ks = llama_kvsmooth::create(*ctx, *params, &err, &ctx->kvsmooth_error);
     if (!ks) {
         return err;
     }
@@ -731,6 +963,68 @@ bool llama_kvsmooth_get_params(const llama_context * ctx, llama_kvsmooth_params 
     *out = ks->params;
 
     return true;
+}
+
+int32_t llama_kvsmooth_set_seq(llama_context * ctx, llama_seq_id seq_id, const llama_kvsmooth_seq_params * params) {
+    llama_kvsmooth * ks = ctx->get_kvsmooth();
+
+    const auto fail = [ctx](const std::string & text) {
+        LLAMA_LOG_ERROR("llama_kvsmooth_set_seq: %s\n", text.c_str());
+        ctx->kvsmooth_error = text;
+        return LLAMA_KVSMOOTH_ERR_INVALID_PARAM;
+    };
+
+    if (ks == nullptr) {
+        return fail("KVSmooth is not enabled on this context: call llama_kvsmooth_set first");
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= ks->n_slot) {
+        return fail("invalid seq_id = " + std::to_string(seq_id) + ": allowed values are [0, n_seq_max = " + std::to_string(ks->n_slot) + ")");
+    }
+
+    llama_kvsmooth_seq_params setting { true, ks->params.lambda_ref, ks->params.window, ks->params.mode };
+
+    if (params) {
+        setting = *params;
+
+        // the same checks as llama_kvsmooth_set, for the fields a sequence may choose
+        llama_kvsmooth_params full = ks->params;
+        full.lambda_ref = setting.lambda_ref;
+        full.window     = setting.window;
+        full.mode       = setting.mode;
+
+        int32_t err = 0;
+        if (setting.enabled && !llama_kvsmooth_check_params(full, &err, &ctx->kvsmooth_error)) {
+            return err;
+        }
+    }
+
+    ks->set_seq_setting(seq_id, setting);
+    ctx->kvsmooth_error.clear();
+
+    return 0;
+}
+
+bool llama_kvsmooth_get_seq(const llama_context * ctx, llama_seq_id seq_id, llama_kvsmooth_seq_params * out) {
+    const llama_kvsmooth * ks = ctx->get_kvsmooth();
+    if (ks == nullptr || seq_id < 0 || (uint32_t) seq_id >= ks->n_slot || out == nullptr) {
+        return false;
+    }
+
+    *out = ks->seq_setting(seq_id);
+
+    return true;
+}
+
+void llama_kvsmooth_pause(llama_context * ctx, bool paused) {
+    ctx->kvsmooth_paused = paused;
+}
+
+bool llama_kvsmooth_paused(const llama_context * ctx) {
+    return ctx->kvsmooth_paused;
+}
+
+const char * llama_kvsmooth_last_error(const llama_context * ctx) {
+    return ctx->kvsmooth_error.c_str();
 }
 
 void llama_kvsmooth_reset(llama_context * ctx, llama_seq_id seq_id) {

@@ -12,7 +12,7 @@ import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 PathLike = Union[str, Path]
 
@@ -27,6 +27,9 @@ class CocoImage:
     file_name: str
     instance_objects: frozenset[str]  # category names of its instance annotations
     reference_captions: tuple[str, ...]  # empty when no captions file was loaded
+    # the same names in the order of their first annotation in the file (POPE/HALC's
+    # segmentation lists take the objects in this order)
+    instance_order: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,7 @@ class CaptionRecord:
     caption: str
 
 
-def _read_json(path: PathLike) -> dict:
+def _read_json(path: PathLike) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -65,16 +68,17 @@ def load_annotations(
 ) -> CocoAnnotations:
     """Read ``instances_*.json`` and, optionally, ``captions_*.json`` of one COCO split.
 
-    The images are those of the instances file (images without any instance annotation
-    are kept, with no instance objects).
+    The images are those of the instances file, in its order (images without any instance
+    annotation are kept, with no instance objects).
     """
     instances = _read_json(instances_path)
     try:
         category_names = {int(c["id"]): str(c["name"]) for c in instances["categories"]}
         image_files = {int(im["id"]): str(im["file_name"]) for im in instances["images"]}
-        objects: dict[int, set] = {image_id: set() for image_id in image_files}
+        # image -> category names, first-seen order (a dict used as an ordered set)
+        objects: dict[int, dict[str, None]] = {image_id: {} for image_id in image_files}
         for ann in instances["annotations"]:
-            objects[int(ann["image_id"])].add(category_names[int(ann["category_id"])])
+            objects[int(ann["image_id"])][category_names[int(ann["category_id"])]] = None
     except (KeyError, TypeError, ValueError) as e:
         raise EvalError(f"{instances_path}: not a COCO instances file ({e!r})") from None
 
@@ -96,6 +100,7 @@ def load_annotations(
             file_name=file_name,
             instance_objects=frozenset(objects[image_id]),
             reference_captions=tuple(references[image_id]),
+            instance_order=tuple(objects[image_id]),
         )
         for image_id, file_name in image_files.items()
     }
@@ -126,7 +131,7 @@ def read_caption_records(path: PathLike) -> list[CaptionRecord]:
     runs were appended to the same file.
     """
     records: list[CaptionRecord] = []
-    seen: set = set()
+    seen: set[int] = set()
     try:
         f = open(path, encoding="utf-8")
     except FileNotFoundError:

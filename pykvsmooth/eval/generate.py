@@ -223,6 +223,7 @@ def prepare_manifest(options: GenerateOptions) -> dict[str, Any]:
     mmproj = file_digest(options.mmproj)
     settings = {s.name: _setting_entry(s, options) for s in options.settings}
 
+    manifest: dict[str, Any]
     if path.exists():
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -285,7 +286,7 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def done_image_ids(path: Path) -> set:
+def done_image_ids(path: Path) -> set[int]:
     """Image ids already captioned in a settings file.
 
     A run killed while writing leaves a partial last line; it is cut off here, so that
@@ -372,7 +373,8 @@ def load_manifest(run_dir: PathLike) -> dict[str, Any]:
     path = Path(run_dir) / MANIFEST
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            manifest: dict[str, Any] = json.load(f)
+            return manifest
     except FileNotFoundError:
         raise EvalError(f"{path}: no such file; is {run_dir} a `generate` output folder?") from None
 

@@ -1,9 +1,13 @@
 """OPOPE: POPE's object probes answered offline from captions (HALC, Chen et al. 2024).
 
+This module holds what both protocols share (the metrics, the JSON report) and the
+``extended`` protocol; :mod:`.halc` is the ``halc`` protocol, HALC's own rules, which the
+paper's Table 2 numbers come from.
+
 POPE (Li et al., 2023) asks a model "Is there a <object> in the image?" for objects that
 are present (positives) and absent (negatives). OPOPE keeps POPE's probe sets and, instead
 of asking, reads the answer from the model's caption of the image: "yes" iff the caption
-mentions the object. Following HALC's ``eval/opope_eval.py``:
+mentions the object. The ``extended`` protocol follows HALC's ``eval/opope_eval.py`` in:
 
 - ground truth of an image: its instance labels (POPE builds its probes from the
   segmentation annotations, not from the reference captions);
@@ -18,14 +22,15 @@ mentions the object. Following HALC's ``eval/opope_eval.py``:
   F_β = (1 + β²)·P·R / (β²·P + R) with β = 0.2 (precision weighted, as in HALC and the
   KVSmooth paper); the paper reports the mean of each metric over the three sets.
 
-Choices made here, stated because HALC's code does it differently:
+and departs from it (``--protocol halc`` does exactly what HALC does) in:
+
 - HALC takes the first objects of each image's list as positives and draws random
   negatives from one global random stream; here positives and random negatives are drawn
   per image from ``random.Random(f"{seed}:{image_id}:...")``, so one image's probes do not
   depend on which other images are in the caption file;
 - HALC answers "yes" when any word of the object name is a substring of the caption
-  ("car" in "carrot"); here an object is mentioned iff the CHAIR extractor finds it (with
-  synonyms and plurals), the same reading the CHAIR metrics use;
+  ("car" in "carrot"); here an object is mentioned iff the extended CHAIR extractor finds
+  it (with synonyms and plurals);
 - frequency and co-occurrence are counted over the probed images (as HALC), ties broken by
   name.
 """
@@ -66,18 +71,53 @@ class OpopeResult:
     fn: int
     n_images: int  # images probed
 
+    @property
+    def f1(self) -> float:
+        return f_beta(self.precision, self.recall, 1.0)
+
+    @property
+    def n_questions(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
     def as_percent(self) -> dict[str, float]:
         return {
             "accuracy": round(100.0 * self.accuracy, 4),
             "precision": round(100.0 * self.precision, 4),
             "recall": round(100.0 * self.recall, 4),
             "F_beta": round(100.0 * self.f_beta, 4),
+            "F1": round(100.0 * self.f1, 4),
             "TP": self.tp,
             "FP": self.fp,
             "TN": self.tn,
             "FN": self.fn,
+            "n_questions": self.n_questions,
             "n_images": self.n_images,
         }
+
+
+def confusion_result(
+    answers: Sequence[tuple[bool, bool]], beta: float, n_images: int
+) -> OpopeResult:
+    """Metrics from (answered yes, label yes) pairs, as HALC's ``print_acc`` counts them."""
+    if not answers:
+        raise EvalError("no OPOPE probes: no captioned image has enough ground-truth objects")
+    tp = sum(1 for yes, present in answers if yes and present)
+    fp = sum(1 for yes, present in answers if yes and not present)
+    fn = sum(1 for yes, present in answers if not yes and present)
+    tn = len(answers) - tp - fp - fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return OpopeResult(
+        accuracy=(tp + tn) / len(answers),
+        precision=precision,
+        recall=recall,
+        f_beta=f_beta(precision, recall, beta),
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+        n_images=n_images,
+    )
 
 
 def _rng(seed: int, image_id: int, purpose: str) -> random.Random:
@@ -103,8 +143,8 @@ def build_probes(
         raise EvalError(f"num_samples must be positive, not {num_samples}")
     images = {i: objs for i, objs in ground_truth.items() if len(objs) >= num_samples}
 
-    frequency: Counter = Counter()
-    co_occurrence: dict[str, Counter] = {}
+    frequency: Counter[str] = Counter()
+    co_occurrence: dict[str, Counter[str]] = {}
     for objs in images.values():
         frequency.update(objs)
         for a in objs:
@@ -157,30 +197,8 @@ def score_probes(
     """Score probes; ``answers`` maps an image to the objects its caption mentions."""
     if not probes:
         raise EvalError("no OPOPE probes: no captioned image has enough ground-truth objects")
-    tp = fp = tn = fn = 0
-    for p in probes:
-        yes = p.category in answers[p.image_id]
-        if yes and p.present:
-            tp += 1
-        elif yes:
-            fp += 1
-        elif p.present:
-            fn += 1
-        else:
-            tn += 1
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    return OpopeResult(
-        accuracy=(tp + tn) / len(probes),
-        precision=precision,
-        recall=recall,
-        f_beta=f_beta(precision, recall, beta),
-        tp=tp,
-        fp=fp,
-        tn=tn,
-        fn=fn,
-        n_images=len({p.image_id for p in probes}),
-    )
+    pairs = [(p.category in answers[p.image_id], p.present) for p in probes]
+    return confusion_result(pairs, beta, n_images=len({p.image_id for p in probes}))
 
 
 def evaluate_opope(
@@ -216,9 +234,9 @@ def average(results: Mapping[str, OpopeResult]) -> dict[str, float]:
     }
 
 
-def opope_report(results: Mapping[str, OpopeResult], beta: float) -> dict[str, object]:
-    """The JSON ``kvsmooth-eval opope`` prints."""
-    out: dict[str, object] = {name: r.as_percent() for name, r in results.items()}
-    out["average"] = average(results)
-    out["beta"] = beta
+def opope_report(results: Mapping[str, OpopeResult]) -> dict[str, object]:
+    """The JSON ``kvsmooth-eval opope`` prints: the means over the splits (``accuracy``,
+    ``precision``, ``recall``, ``F_beta``), then each split's numbers and counts."""
+    out: dict[str, object] = dict(average(results))
+    out.update({name: r.as_percent() for name, r in results.items()})
     return out

@@ -1,9 +1,19 @@
 """The paper's tables and precision-recall plot for one ``generate`` run.
 
-Table 1 of the paper lists CHAIR_S and F1 per method; Figure 4 plots CHAIR precision
-against recall while λref is swept. :func:`markdown_report` writes the same table for the
-settings of a run (plus the other CHAIR numbers, and OPOPE as in Table 2 if asked), and
-:func:`plot_precision_recall` the plot, one line per KVSmooth mode across its λ values.
+The KVSmooth paper reports, per model:
+
+- Table 1: CHAIR_S and F1 of the baseline, KVSmooth without the adaptive λ (``fixed``) and
+  KVSmooth (``adaptive``);
+- Table 2: OPOPE accuracy, precision and F_β (β = 0.2), each the mean over the random,
+  popular and adversarial splits;
+- Table 4: CHAIR_S and F1 when only the keys are smoothed (``keys``, "Key (K_t)") and when
+  keys and values are (``adaptive``, "Key-Value (K_t, V_t)"); its third row, smoothing the
+  attention output o_t, is not a mode of this implementation.
+
+:func:`markdown_report` writes these for the settings of a run, each table headed by the
+protocol its numbers follow (``opera`` / ``halc`` reproduce the paper's; ``extended`` does
+not), then every CHAIR number of every setting; :func:`plot_precision_recall` draws
+Figure 4's precision against recall, one line per KVSmooth mode across its λ values.
 """
 
 from __future__ import annotations
@@ -13,12 +23,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .chair import ChairResult, compute_chair
+from .chair import ChairResult, GroundTruth, compute_chair, make_extractor
 from .coco import CocoAnnotations, EvalError, PathLike, read_caption_records
 from .generate import Setting, load_manifest, settings_in
 from .opope import DEFAULT_BETA, average, evaluate_opope
 
 _MODE_ORDER = {None: 0, "adaptive": 1, "fixed": 2, "keys": 3}
+
+PROTOCOL_NOTES = {
+    "opera": "protocol `opera`: OPERA `chair.py` objects (NLTK), precision and F1 over "
+    "distinct objects as PAI / MiddleLayer: the paper's",
+    "extended": "protocol `extended`: this project's synonym table without NLTK, precision "
+    "and F1 over distinct objects; not comparable with the paper's numbers",
+    "halc": "protocol `halc`: HALC `opope_eval.py` answer rule and probes: the paper's",
+    "halc-questions": "protocol `halc`: HALC's answer rule on POPE's question files",
+    "extended-opope": "protocol `extended`: answers from the extended CHAIR extractor, "
+    "probes drawn per image; not comparable with the paper's numbers",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    chair_protocol: str = "opera"
+    opope_protocol: str | None = None  # None: no OPOPE table
+    nltk_data: PathLike | None = None
+    questions: tuple[PathLike, ...] | None = None  # POPE's files, for halc
+    opope_seed: int = 0
+
+    def opope_note(self) -> str:
+        if self.opope_protocol == "extended":
+            return PROTOCOL_NOTES["extended-opope"]
+        return PROTOCOL_NOTES["halc-questions" if self.questions else "halc"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,20 +64,20 @@ class Row:
     opope: dict[str, float] | None = None  # OPOPE means over the three sets, percent
 
 
-def _sort_key(setting: Setting) -> tuple:
+def _sort_key(setting: Setting) -> tuple[int, float]:
     return (_MODE_ORDER[setting.mode], setting.lambda_ref or 0.0)
 
 
 def evaluate_run(
     run_dir: PathLike,
     annotations: CocoAnnotations,
-    with_opope: bool = False,
-    opope_seed: int = 0,
+    options: ReportOptions = ReportOptions(),
 ) -> list[Row]:
     """CHAIR (and OPOPE) of every setting of a run that has captions so far."""
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     n_expected = len(manifest["images"]["ids"])
+    truth = GroundTruth(annotations, make_extractor(options.chair_protocol, options.nltk_data))
     rows = []
     for setting in sorted(settings_in(manifest), key=_sort_key):
         path = run_dir / f"{setting.name}.jsonl"
@@ -52,9 +87,18 @@ def evaluate_run(
         if not records:
             continue
         opope = None
-        if with_opope:
-            opope = average(evaluate_opope(records, annotations, seed=opope_seed))
-        rows.append(Row(setting, compute_chair(records, annotations), n_expected, opope))
+        if options.opope_protocol == "halc":
+            from .halc import evaluate_halc
+
+            opope = average(
+                evaluate_halc(records, annotations, questions=options.questions,
+                              seed=options.opope_seed)
+            )
+        elif options.opope_protocol == "extended":
+            opope = average(evaluate_opope(records, annotations, seed=options.opope_seed))
+        elif options.opope_protocol is not None:
+            raise EvalError(f"unknown OPOPE protocol {options.opope_protocol!r}")
+        rows.append(Row(setting, compute_chair(records, truth), n_expected, opope))
     if not rows:
         raise EvalError(f"{run_dir}: no captions yet")
     return rows
@@ -64,7 +108,17 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.1f}"
 
 
-def markdown_report(rows: Sequence[Row], manifest: dict[str, Any] | None = None) -> str:
+def _table4_label(setting: Setting) -> str:
+    what = "Key (K_t)" if setting.mode == "keys" else "Key-Value (K_t, V_t)"
+    return f"{what}, λref = {setting.lambda_ref:g}"
+
+
+def markdown_report(
+    rows: Sequence[Row],
+    manifest: dict[str, Any] | None = None,
+    options: ReportOptions = ReportOptions(),
+) -> str:
+    chair_note = PROTOCOL_NOTES[options.chair_protocol]
     lines: list[str] = []
     if manifest is not None:
         model = manifest["model"]
@@ -76,13 +130,56 @@ def markdown_report(rows: Sequence[Row], manifest: dict[str, Any] | None = None)
             f"{manifest['generation']['max_tokens']} new tokens.",
             "",
         ]
+    protocols = f"CHAIR: {chair_note}."
+    if options.opope_protocol is not None:
+        protocols += f" OPOPE: {options.opope_note()}."
+    lines += [f"Protocols. {protocols}", ""]
+
+    main_rows = [r for r in rows if r.setting.mode != "keys"]
     lines += [
+        f"Table 1. CHAIR ({chair_note}).",
+        "",
         "| Method | CHAIR_S ↓ | F1 ↑ |",
         "| --- | ---: | ---: |",
     ]
-    for r in rows:
+    for r in main_rows:
         lines.append(f"| {r.setting.label} | {_pct(r.chair.chair_s)} | {_pct(r.chair.f1)} |")
+
+    if any(r.opope is not None for r in rows):
+        lines += [
+            "",
+            f"Table 2. OPOPE ({options.opope_note()}), mean over random / popular / "
+            f"adversarial, β = {DEFAULT_BETA}.",
+            "",
+            "| Method | Acc ↑ | Pre ↑ | F_β ↑ |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for r in main_rows:
+            if r.opope is not None:
+                o = r.opope
+                lines.append(
+                    f"| {r.setting.label} | {o['accuracy']:.2f} | {o['precision']:.2f} | "
+                    f"{o['F_beta']:.2f} |"
+                )
+
+    smoothing = [r for r in rows if r.setting.mode in ("keys", "adaptive")]
+    if any(r.setting.mode == "keys" for r in rows):
+        lines += [
+            "",
+            f"Table 4. Smoothed states, CHAIR ({chair_note}); the attention-output (o_t) "
+            "row of the paper is not a mode of this implementation.",
+            "",
+            "| Method | C_S ↓ | F1 ↑ |",
+            "| --- | ---: | ---: |",
+        ]
+        for r in sorted(smoothing, key=lambda r: (r.setting.mode != "keys", _sort_key(r.setting))):
+            lines.append(
+                f"| {_table4_label(r.setting)} | {_pct(r.chair.chair_s)} | {_pct(r.chair.f1)} |"
+            )
+
     lines += [
+        "",
+        f"All CHAIR numbers ({chair_note}).",
         "",
         "| Method | CHAIR_S | CHAIR_I | Precision | Recall | F1 | Captions |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -94,21 +191,6 @@ def markdown_report(rows: Sequence[Row], manifest: dict[str, Any] | None = None)
             f"{_pct(c.precision)} | {_pct(c.recall)} | {_pct(c.f1)} | "
             f"{c.n_captions}/{r.n_expected} |"
         )
-    if any(r.opope is not None for r in rows):
-        lines += [
-            "",
-            f"OPOPE, mean over random / popular / adversarial (β = {DEFAULT_BETA}):",
-            "",
-            "| Method | Acc ↑ | Pre ↑ | F_β ↑ |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for r in rows:
-            if r.opope is not None:
-                o = r.opope
-                lines.append(
-                    f"| {r.setting.label} | {o['accuracy']:.2f} | {o['precision']:.2f} | "
-                    f"{o['F_beta']:.2f} |"
-                )
     return "\n".join(lines) + "\n"
 
 
