@@ -91,7 +91,8 @@ def test_libraries_are_installed_once() -> None:
     assert "libllama.so" in libs and "libmtmd.so" in libs and "libggml.so" in libs, libs
     if pykvsmooth.lib_dir() != (pkg / "lib").resolve():  # installed, not a source checkout
         assert sorted(p.name for p in (pkg / "lib").iterdir()) == ["libkvsmooth-op-runner.so"]
-    pth = [p for p in pkg.parent.glob("*.pth") if re.search("pykvsmooth|LLAMA_CPP_LIB_PATH|MTMD_CPP_LIB", p.read_text())]
+    hooks = re.compile("pykvsmooth|LLAMA_CPP_LIB_PATH|MTMD_CPP_LIB")
+    pth = [p for p in pkg.parent.glob("*.pth") if hooks.search(p.read_text())]
     assert not pth, pth  # no start-up hooks
     assert (pkg / "py.typed").is_file()
 
