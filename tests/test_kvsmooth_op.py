@@ -633,9 +633,11 @@ def test_oracle_storage_matches_ggml(ggml_type: int) -> None:
         op_runner.load_library()
     except op_runner.RunnerNotFound as e:
         pytest.fail(str(e), pytrace=False)
-    # next to the runner: unversioned in the installed package, versioned in a llama.cpp build
+    # next to the runner in a llama.cpp build (versioned) or a source checkout; where its RPATH
+    # points in the installed package (llama_cpp/lib, unversioned)
     runner_dir = op_runner.find_library().parent
-    base_path = next(p for p in sorted(runner_dir.glob("libggml-base.*")) + sorted(runner_dir.glob("bin/libggml-base.*")))
+    places = [runner_dir, runner_dir / "bin", runner_dir.parent.parent / "llama_cpp" / "lib"]
+    base_path = next(p for d in places for p in sorted(d.glob("libggml-base.*")))
     base = ctypes.CDLL(str(base_path))
     base.ggml_quantize_chunk.restype = ctypes.c_size_t
     base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
