@@ -201,8 +201,13 @@ class Llama(llama_cpp.Llama):
             if self._kvsmooth is not None and self.n_tokens > 0 and self._eval_end >= 0:
                 if self._eval_end == self.n_tokens:
                     # evaluate the final prompt token again, as the generation step
-                    self._ctx.kv_cache_seq_rm(-1, self.n_tokens - 1, -1)
-                    self.n_tokens -= 1
+                    if self._ctx.kv_cache_seq_rm(-1, self.n_tokens - 1, -1):
+                        self.n_tokens -= 1
+                    else:
+                        # a recurrent memory (hybrid models) cannot forget one token
+                        warnings.warn("KVSmooth: this model's recurrent layers cannot evaluate the final "
+                                      "prompt token again, so it is not smoothed (the generated tokens "
+                                      "are); llama-mtmd-cli smooths it", RuntimeWarning, stacklevel=2)
                 else:
                     warnings.warn("KVSmooth: the prompt ends with an image, its final position "
                                   "is not smoothed", RuntimeWarning, stacklevel=2)
