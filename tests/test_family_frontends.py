@@ -74,10 +74,10 @@ def traced_llama(pair: TinyFamily) -> Any:
 def test_describe_image_smooths_final_prompt_token_and_generated(family: str,
                                                                  request: pytest.FixtureRequest) -> None:
     pair: TinyFamily = request.getfixturevalue(family)
-    # LFM2's short-conv layers are a recurrent memory, which cannot forget the final prompt token
-    # to evaluate it again as the first generation step: it stays unsmoothed, with a warning
-    # (llama-mtmd-cli smooths it: tests/test_hybrid_cli.py)
-    recurrent = family == "tiny_lfm2"
+    # LFM2's short-conv layers are a recurrent memory: it can drop the final prompt token (to
+    # evaluate it again as the first generation step) because pykvsmooth.Llama gives hybrid
+    # models one recurrent-state snapshot (n_rs_seq); no warning for any family
+    recurrent = False
     llm = traced_llama(pair)
     try:
         png = pair.png.read_bytes()
@@ -117,7 +117,6 @@ def _caption(pair: TinyFamily, out: Path, *extra: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.filterwarnings("ignore:KVSmooth.*final prompt token:RuntimeWarning")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kvsmooth_caption_captions_with_the_generic_handler(family: str, request: pytest.FixtureRequest,
                                                             tmp_path: Path) -> None:
@@ -132,3 +131,70 @@ def test_kvsmooth_caption_captions_with_the_generic_handler(family: str, request
     finally:
         llm.close()
     assert rec["caption"] == want.text
+
+
+def test_server_picks_the_generic_handler_when_none_is_named(tiny_gemma3: TinyFamily, tmp_path: Path) -> None:
+    """`python -m pykvsmooth.server` with an mmproj and no --chat_format: the handler `auto`
+    picks, and the same answer as describe_image with the same settings."""
+    import base64
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "pykvsmooth.server", "--model", str(tiny_gemma3.text),
+           "--clip_model_path", str(tiny_gemma3.mmproj), "--n_ctx", "1024", "--n_threads", "1",
+           "--verbose", "False", "--port", str(port), "--kvsmooth", "0.9"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "API_KEY")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        uri = "data:image/png;base64," + base64.b64encode(tiny_gemma3.png.read_bytes()).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                          {"type": "text", "text": PROMPT}]}],
+                "max_tokens": N_PREDICT, "temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    llm = traced_llama(tiny_gemma3)
+    try:
+        want = llm.describe_image(tiny_gemma3.png.read_bytes(), PROMPT, max_tokens=N_PREDICT)
+    finally:
+        llm.close()
+    assert (answer or "").strip() == want.text
+
+
+def test_hybrid_without_snapshot_warns_and_still_captions(tiny_lfm2: TinyFamily) -> None:
+    """KVSmooth switched on after construction on a hybrid model: no snapshot was made, so the
+    final prompt token cannot be evaluated again; it stays unsmoothed, with a warning, and the
+    generated tokens are smoothed (no llama_decode failure)."""
+    from pykvsmooth import KVSmoothConfig, Llama
+    from pykvsmooth.handlers import make_chat_handler
+
+    llm = Llama(model_path=str(tiny_lfm2.text), chat_handler=make_chat_handler("mtmd", tiny_lfm2.mmproj),
+                n_ctx=1024, n_threads=1, verbose=False)
+    try:
+        llm.kvsmooth = KVSmoothConfig(lambda_ref=0.9)
+        with pytest.warns(RuntimeWarning, match="final prompt token"):
+            answer = llm.describe_image(tiny_lfm2.png.read_bytes(), PROMPT, max_tokens=N_PREDICT)
+        assert answer.completion_tokens >= 1
+    finally:
+        llm.close()
