@@ -102,7 +102,7 @@ class Llama(llama_cpp.Llama):
         if not _capi.llama_model_is_hybrid(self.model) or self.context_params.n_rs_seq > 0:
             return
         self.context_params.n_rs_seq = 1
-        self._ctx.close()
+        self._ctx.close()  # type: ignore[no-untyped-call]
         self._ctx = self._stack.enter_context(contextlib.closing(
             llama_cpp._internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)))
 

@@ -635,7 +635,8 @@ def test_oracle_storage_matches_ggml(ggml_type: int) -> None:
         pytest.fail(str(e), pytrace=False)
     # next to the runner: unversioned in the installed package, versioned in a llama.cpp build
     runner_dir = op_runner.find_library().parent
-    base_path = next(p for p in sorted(runner_dir.glob("libggml-base.*")) + sorted(runner_dir.glob("bin/libggml-base.*")))
+    candidates = sorted(runner_dir.glob("libggml-base.*")) + sorted(runner_dir.glob("bin/libggml-base.*"))
+    base_path = next(p for p in candidates)
     base = ctypes.CDLL(str(base_path))
     base.ggml_quantize_chunk.restype = ctypes.c_size_t
     base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
