@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
 
 import llama_cpp.llama_cpp as _llama
 from llama_cpp._ctypes_extensions import ctypes_function_for_shared_library
-from llama_cpp.llama_cpp import llama_context_p, llama_context_p_ctypes
+from llama_cpp.llama_cpp import llama_context_p, llama_context_p_ctypes, llama_model_p, llama_model_p_ctypes
 
 if TYPE_CHECKING:
     from llama_cpp._ctypes_extensions import CtypesPointerOrRef
@@ -178,6 +178,59 @@ def llama_kvsmooth_paused(ctx: llama_context_p, /) -> bool: ...
 # LLAMA_API const char * llama_kvsmooth_last_error(const struct llama_context * ctx);
 @ctypes_function("llama_kvsmooth_last_error", [llama_context_p_ctypes], ctypes.c_char_p)
 def llama_kvsmooth_last_error(ctx: llama_context_p, /) -> Optional[bytes]: ...
+
+
+# struct llama_kvsmooth_seq_params {
+#     bool  enabled;
+#     float lambda_ref;
+#     float window;
+#     enum llama_kvsmooth_mode mode;
+# };
+class llama_kvsmooth_seq_params(ctypes.Structure):
+    if TYPE_CHECKING:
+        enabled: bool
+        lambda_ref: float
+        window: float
+        mode: int
+
+    _fields_ = [
+        ("enabled", ctypes.c_bool),
+        ("lambda_ref", ctypes.c_float),
+        ("window", ctypes.c_float),
+        ("mode", ctypes.c_int),
+    ]
+
+
+# LLAMA_API int32_t llama_kvsmooth_set_seq(
+#         struct llama_context * ctx, llama_seq_id seq_id, const struct llama_kvsmooth_seq_params * params);
+@ctypes_function(
+    "llama_kvsmooth_set_seq",
+    [llama_context_p_ctypes, llama_seq_id, ctypes.POINTER(llama_kvsmooth_seq_params)],
+    ctypes.c_int32,
+)
+def llama_kvsmooth_set_seq(
+    ctx: llama_context_p, seq_id: int, params: Optional[CtypesPointerOrRef[llama_kvsmooth_seq_params]], /
+) -> int:
+    """seq_id's own lambda_ref/window/mode (enabled false: not smoothed); NULL: the context's."""
+    ...
+
+
+# LLAMA_API bool llama_kvsmooth_get_seq(
+#         const struct llama_context * ctx, llama_seq_id seq_id, struct llama_kvsmooth_seq_params * out);
+@ctypes_function(
+    "llama_kvsmooth_get_seq",
+    [llama_context_p_ctypes, llama_seq_id, ctypes.POINTER(llama_kvsmooth_seq_params)],
+    ctypes.c_bool,
+)
+def llama_kvsmooth_get_seq(
+    ctx: llama_context_p, seq_id: int, out: CtypesPointerOrRef[llama_kvsmooth_seq_params], /
+) -> bool: ...
+
+
+# llama.h's, not bound by llama-cpp-python 0.3.36:
+# LLAMA_API bool llama_model_is_hybrid(const struct llama_model * model);
+@ctypes_function("llama_model_is_hybrid", [llama_model_p_ctypes], ctypes.c_bool)
+def llama_model_is_hybrid(model: llama_model_p, /) -> bool: ...
 
 
 # LLAMA_API int32_t llama_kvsmooth_trace_n(const struct llama_context * ctx);

@@ -604,6 +604,27 @@ def _deferred_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _sticky_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: llama.cpp calls back
+    into Python (its log), and an interrupt raised inside such a callback is swallowed by
+    ctypes; the loop checks the event between images, so the run stops anyway."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        event.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def settings_record(args: argparse.Namespace, settings: CaptionSettings,
                     kvsmooth: Optional[KVSmoothConfig]) -> Dict[str, Any]:
     """What the JSONL says about how its captions were made."""
@@ -739,45 +760,54 @@ def run(args: argparse.Namespace, kvsmooth: Optional[KVSmoothConfig]) -> Summary
     settings = CaptionSettings.from_args(args).resolved()
     job = plan(args, settings, kvsmooth)
     summary = job.summary
-    captioner: Optional[Captioner] = None
+    loaded: List[Captioner] = []  # the model, once the first image needs it
     progress = Progress(len(job.todo), args.quiet)
     t_start = time.monotonic()
     try:
-        for image in job.todo:
-            prompt, existing = job.prompt_for(image)
-            record: Dict[str, Any] = {"path": str(image)}
-            tokens = 0
-            try:
-                if image in job.clashes:
-                    raise ValueError(f"its sidecar {sidecar_path(image)} is also the sidecar of {job.clashes[image]}")
-                png, thumb = load_image(image)
-                if captioner is None:
-                    captioner = Captioner(settings, kvsmooth)
-                result = captioner.caption(png, prompt, kvsmooth)
-                baseline = captioner.caption(png, prompt, None) if args.compare is not None else None
-                record["caption"] = result.pop("caption")
-                if baseline is not None:
-                    record["baseline_caption"] = baseline.pop("caption")
-                    job.thumbnails[_key(image)] = base64.b64encode(thumb).decode()
-                record["prompt"] = prompt
-                record["settings"] = job.record_settings
-                record["timings"] = result
-                tokens = result["completion_tokens"]
-                if baseline is not None:
-                    record["baseline_timings"] = baseline
-                    tokens += baseline["completion_tokens"]
-            except ValueError as e:  # unreadable image, or one the model could not take
-                record = {"path": str(image), "error": str(e)}
-            job.commit(image, record, existing, tokens, progress)
+        with _sticky_interrupt() as interrupted:
+            for image in job.todo:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                _caption_one(job, image, progress, loaded)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         summary.seconds = time.monotonic() - t_start
         progress.close()
         job.finish()
-        if captioner is not None:
+        for captioner in loaded:
             captioner.close()
     return summary
+
+
+def _caption_one(job: Job, image: Path, progress: Progress, loaded: List[Captioner]) -> None:
+    """Caption one image (and its baseline for --compare) and commit its outputs."""
+    prompt, existing = job.prompt_for(image)
+    record: Dict[str, Any] = {"path": str(image)}
+    tokens = 0
+    try:
+        if image in job.clashes:
+            raise ValueError(f"its sidecar {sidecar_path(image)} is also the sidecar of {job.clashes[image]}")
+        png, thumb = load_image(image)
+        if not loaded:
+            loaded.append(Captioner(job.settings, job.kvsmooth))
+        captioner = loaded[0]
+        result = captioner.caption(png, prompt, job.kvsmooth)
+        baseline = captioner.caption(png, prompt, None) if job.args.compare is not None else None
+        record["caption"] = result.pop("caption")
+        if baseline is not None:
+            record["baseline_caption"] = baseline.pop("caption")
+            job.thumbnails[_key(image)] = base64.b64encode(thumb).decode()
+        record["prompt"] = prompt
+        record["settings"] = job.record_settings
+        record["timings"] = result
+        tokens = result["completion_tokens"]
+        if baseline is not None:
+            record["baseline_timings"] = baseline
+            tokens += baseline["completion_tokens"]
+    except ValueError as e:  # unreadable image, or one the model could not take
+        record = {"path": str(image), "error": str(e)}
+    job.commit(image, record, existing, tokens, progress)
 
 
 def print_summary(summary: Summary, args: argparse.Namespace, out: TextIO = sys.stderr) -> None:

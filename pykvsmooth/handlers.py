@@ -21,16 +21,19 @@ from typing import Any, BinaryIO, Dict, Iterable, List, Optional
 
 AUTO = "auto"
 GENERIC = "mtmd"
-# --chat-format -> llama_cpp.llama_chat_format class (llama_cpp.server's names)
+# --chat-format -> llama_cpp.llama_chat_format class, under llama_cpp.server's names of its
+# multimodal handlers (llama_cpp/server/model.py); the captioner, the eval and the server share it
 CHAT_HANDLERS: Dict[str, str] = {
     "llava-1-5": "Llava15ChatHandler",
+    "obsidian": "ObsidianChatHandler",
     "llava-1-6": "Llava16ChatHandler",
-    "bakllava-1": "ObsidianChatHandler",
+    GENERIC: "MTMDChatHandler",
+    "gemma4": "Gemma4ChatHandler",
     "moondream": "MoondreamChatHandler",
     "nanollava": "NanoLlavaChatHandler",
+    "llama-3-vision-alpha": "Llama3VisionAlphaChatHandler",
     "minicpm-v-2.6": "MiniCPMv26ChatHandler",
     "qwen2.5-vl": "Qwen25VLChatHandler",
-    GENERIC: "MTMDChatHandler",
 }
 CHAT_FORMATS = (AUTO, *sorted(CHAT_HANDLERS))
 LLAVA_PROJECTORS = ("mlp",)
@@ -119,17 +122,22 @@ def choose_chat_format(model: "str | Path", mmproj: "str | Path") -> str:
                      f"({', '.join(sorted(CHAT_HANDLERS))})")
 
 
-def make_chat_handler(chat_format: str, mmproj: "str | Path", verbose: bool = False) -> Any:
-    """A llama_cpp chat handler for a named format (not ``auto``)."""
+def chat_handler_class(chat_format: str) -> type:
+    """The llama_cpp chat handler class of a named format (not ``auto``)."""
     from llama_cpp import llama_chat_format
 
     if chat_format == GENERIC:
-        return _generic_handler_class()(clip_model_path=str(mmproj), verbose=verbose)
+        return _generic_handler_class()
     try:
-        cls = getattr(llama_chat_format, CHAT_HANDLERS[chat_format])
+        cls: type = getattr(llama_chat_format, CHAT_HANDLERS[chat_format])
     except KeyError:
         raise ValueError(f"unknown chat format {chat_format!r}; one of {', '.join(CHAT_FORMATS)}") from None
-    return cls(clip_model_path=str(mmproj), verbose=verbose)
+    return cls
+
+
+def make_chat_handler(chat_format: str, mmproj: "str | Path", verbose: bool = False) -> Any:
+    """A llama_cpp chat handler for a named format (not ``auto``)."""
+    return chat_handler_class(chat_format)(clip_model_path=str(mmproj), verbose=verbose)
 
 
 _GENERIC_CLASS: Optional[type] = None

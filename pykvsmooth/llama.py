@@ -18,6 +18,7 @@ other token is a prompt token and is evaluated with smoothing paused
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -89,7 +90,21 @@ class Llama(llama_cpp.Llama):
         self._eval_end = -1
         self._chat_prompt = False
         super().__init__(*args, **kwargs)
+        if config is not None:
+            self._allow_one_token_rollback()
         self.kvsmooth = config
+
+    def _allow_one_token_rollback(self) -> None:
+        """Hybrid models (LFM2, Qwen3.5): a chat handler evaluates the final prompt token
+        unsmoothed, and generate() evaluates it again as the first generation step; the
+        recurrent layers can drop that one token only with a state snapshot per sequence
+        (llama.cpp's n_rs_seq), so the context is made again with one."""
+        if not _capi.llama_model_is_hybrid(self.model) or self.context_params.n_rs_seq > 0:
+            return
+        self.context_params.n_rs_seq = 1
+        self._ctx.close()  # type: ignore[no-untyped-call]
+        self._ctx = self._stack.enter_context(contextlib.closing(
+            llama_cpp._internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)))
 
     # --- configuration ---------------------------------------------------------------
 
@@ -201,8 +216,13 @@ class Llama(llama_cpp.Llama):
             if self._kvsmooth is not None and self.n_tokens > 0 and self._eval_end >= 0:
                 if self._eval_end == self.n_tokens:
                     # evaluate the final prompt token again, as the generation step
-                    self._ctx.kv_cache_seq_rm(-1, self.n_tokens - 1, -1)
-                    self.n_tokens -= 1
+                    if self._ctx.kv_cache_seq_rm(-1, self.n_tokens - 1, -1):
+                        self.n_tokens -= 1
+                    else:
+                        # a recurrent memory (hybrid models) cannot forget one token
+                        warnings.warn("KVSmooth: this model's recurrent layers cannot evaluate the final "
+                                      "prompt token again, so it is not smoothed (the generated tokens "
+                                      "are); llama-mtmd-cli smooths it", RuntimeWarning, stacklevel=2)
                 else:
                     warnings.warn("KVSmooth: the prompt ends with an image, its final position "
                                   "is not smoothed", RuntimeWarning, stacklevel=2)

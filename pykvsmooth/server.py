@@ -48,6 +48,7 @@ from typing import Any, Awaitable, Callable, Dict, Iterator, List, MutableMappin
 import pykvsmooth  # noqa: F401  (before llama_cpp: the patched libraries)
 import llama_cpp
 
+
 try:
     import anyio
     import uvicorn
@@ -70,7 +71,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"pykvsmooth.server needs the server extra: pip install 'pykvsmooth[server]' ({e})") from e
 
-from . import hub
+from . import handlers, hub
 from .caption import add_kvsmooth_arguments, kvsmooth_from_args
 from .config import KVSmoothConfig
 from .llama import KVSmoothError, Llama
@@ -286,19 +287,6 @@ class _ChatHandler:
         return handler(llama=llama, **{**self.template_kwargs, **kwargs})
 
 
-# llama_cpp.server's --chat_format names of the multimodal handlers (llama_cpp/server/model.py)
-MULTIMODAL_HANDLERS = {
-    "llava-1-5": "Llava15ChatHandler",
-    "obsidian": "ObsidianChatHandler",
-    "llava-1-6": "Llava16ChatHandler",
-    "mtmd": "MTMDChatHandler",
-    "gemma4": "Gemma4ChatHandler",
-    "moondream": "MoondreamChatHandler",
-    "nanollava": "NanoLlavaChatHandler",
-    "llama-3-vision-alpha": "Llama3VisionAlphaChatHandler",
-    "minicpm-v-2.6": "MiniCPMv26ChatHandler",
-    "qwen2.5-vl": "Qwen25VLChatHandler",
-}
 _POLICED: Dict[type, type] = {}
 
 
@@ -391,10 +379,13 @@ class KVSmoothLlamaProxy(LlamaProxy):
 
     def _chat_handler(self, settings: ModelSettings) -> Any:
         fmt = settings.chat_format
-        if fmt in MULTIMODAL_HANDLERS:
+        if settings.clip_model_path is not None and fmt in (None, handlers.AUTO):
+            # no format named: the one the GGUFs call for, as kvsmooth-caption picks it
+            fmt = handlers.choose_chat_format(settings.model, settings.clip_model_path)
+        if fmt in handlers.CHAT_HANDLERS:
             if settings.clip_model_path is None:
                 raise ValueError(f"--chat_format {fmt} needs --clip_model_path (the mmproj GGUF)")
-            cls: Any = policed_handler_class(getattr(llama_chat_format, MULTIMODAL_HANDLERS[fmt]))
+            cls: Any = policed_handler_class(handlers.chat_handler_class(fmt))
             if settings.hf_model_repo_id is not None:
                 handler = cls.from_pretrained(repo_id=settings.hf_model_repo_id, filename=settings.clip_model_path,
                                               verbose=settings.verbose)

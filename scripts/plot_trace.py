@@ -84,7 +84,7 @@ def plot(records: list[Record], out: Path, seq_id: int, title: str | None) -> No
     positions = sorted({r.pos for r in recs})
     layers = sorted({r.layer for r in recs})
     col = {p: i for i, p in enumerate(positions)}
-    row = {l: i for i, l in enumerate(layers)}
+    row = {layer: i for i, layer in enumerate(layers)}
 
     lam = np.full((len(layers), len(positions)), np.nan)
     z = np.full((len(layers), len(positions)), np.nan)
@@ -114,7 +114,7 @@ def plot(records: list[Record], out: Path, seq_id: int, title: str | None) -> No
                        cmap="viridis", interpolation="nearest",
                        extent=(-0.5, len(positions) - 0.5, -0.5, len(layers) - 0.5))
     ax_map.set_yticks(np.arange(len(layers)))
-    ax_map.set_yticklabels([str(l) for l in layers])
+    ax_map.set_yticklabels([str(layer) for layer in layers])
     ax_map.set_ylabel("layer")
     ax_map.set_xticks(x)
     ax_map.set_xticklabels([_label(t) for t in tokens], rotation=90, fontsize=7)
@@ -128,7 +128,8 @@ def plot(records: list[Record], out: Path, seq_id: int, title: str | None) -> No
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Draw a KVSmooth trace (JSON lines) as a PNG sink map.")
     ap.add_argument("trace", type=Path, help="trace file written with --kvsmooth-trace")
-    ap.add_argument("-o", "--output", type=Path, default=Path("sinkmap.png"), help="output image (default: sinkmap.png)")
+    ap.add_argument("-o", "--output", type=Path, default=Path("sinkmap.png"),
+                    help="output image (default: sinkmap.png)")
     ap.add_argument("--seq", type=int, default=0, help="sequence to draw (default: 0)")
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)

@@ -47,15 +47,15 @@ def main() -> int:
         print(f"error: {', '.join(args.files)} unchanged from pristine", file=sys.stderr)
         return 1
     # drop the "index abc..def" lines: they name blobs of a private repository
-    diff = "".join(l for l in diff.splitlines(keepends=True) if not l.startswith("index "))
+    diff = "".join(line for line in diff.splitlines(keepends=True) if not line.startswith("index "))
 
     date = datetime.date.today().isoformat()
     if args.patch.exists():
         old = args.patch.read_text()
         header, sep, _ = old.partition("\n---\n")
         header = (header + "\n---\n") if sep else HEADER_TEMPLATE.format(date=date)
-        lines = [f"Last-Update: {date}" if l.startswith("Last-Update:") else l
-                 for l in header.splitlines()]
+        lines = [f"Last-Update: {date}" if line.startswith("Last-Update:") else line
+                 for line in header.splitlines()]
         header = "\n".join(lines) + "\n"
     else:
         header = HEADER_TEMPLATE.format(date=date)

@@ -297,7 +297,8 @@ class ReferenceQwen35(_HybridReference):
             self.w[p + "attn_q.weight"] = GatedQuery(self.w[p + "attn_q.weight"], self.w[p + "attn_q_norm.weight"],
                                                      self.head_dim, self.rms_eps, gate)
             self.w[p + "attn_k.weight"] = ProjectThenHeadNorm(self.w[p + "attn_k.weight"],
-                                                              self.w[p + "attn_k_norm.weight"], self.head_dim, self.rms_eps)
+                                                              self.w[p + "attn_k_norm.weight"],
+                                                              self.head_dim, self.rms_eps)
             self.w[p + "attn_output.weight"] = GatedOutput(self.w[p + "attn_output.weight"], gate)
 
     def _recurrent_state(self, il: int) -> list[np.ndarray]:

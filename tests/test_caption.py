@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Dict, List
 
@@ -192,37 +192,48 @@ def test_model_from_environment_and_usage_errors(models: Dict[str, Path], tmp_pa
 
 
 def test_ctrl_c_keeps_finished_captions(models: Dict[str, Path], tmp_path: Path) -> None:
-    # enough images that the run is still going when the test, maybe starved of CPU on a
-    # loaded machine, gets to send the interrupt
-    n_images = 150
+    # The third image is a FIFO: the captioner finishes the first two, then blocks reading it
+    # until the interrupt comes, so the interrupt lands while an image is in progress however
+    # the machine schedules the two processes (it used to race a run of many images).
+    n_images = 6
     folder = tmp_path / "many"
     for i in range(n_images):
         write_image(folder / f"img{i:03d}.png", seed=i)
+    blocker = folder / "img002.png"
+    blocker.unlink()
+    os.mkfifo(blocker)
     out = tmp_path / "c.jsonl"
     cmd = [sys.executable, "-m", "pykvsmooth.caption", str(folder), "--out", str(out), "--sidecar",
            "--max-tokens", "200", "--quiet", "--model", str(models["model"]), "--mmproj", str(models["mmproj"])]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer: List[int] = []
+    # opening the FIFO's write end returns once the captioner opened it to read the image
+    opener = threading.Thread(target=lambda: writer.append(os.open(blocker, os.O_WRONLY)), daemon=True)
+    opener.start()
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (out.exists() and out.read_text().count("\n") >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        opener.join(TIMEOUT_S)
+        assert writer, f"the captioner never reached the third image: {proc.poll()=}"
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=TIMEOUT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        if not writer:  # release the opener thread
+            os.close(os.open(blocker, os.O_RDONLY | os.O_NONBLOCK))
+        for fd in writer:
+            os.close(fd)
     assert proc.returncode == 130, stderr
     assert "interrupted:" in stderr
     records = read_jsonl(out)  # every line is valid JSON
-    assert 2 <= len(records) < n_images
+    assert [Path(r["path"]).name for r in records] == ["img000.png", "img001.png"]
     for r in records:
         assert Path(r["path"]).with_suffix(".txt").read_text(encoding="utf-8") == r["caption"] + "\n"
-    assert len(list(folder.glob("*.txt"))) == len(records)
+    assert sorted(p.name for p in folder.glob("*.txt")) == ["img000.txt", "img001.txt"]
     # and the rest is done by the next run (three of the rest, to keep the test short)
-    done = {Path(r["path"]).name for r in records}
-    for image in sorted(p for p in folder.glob("*.png") if p.name not in done)[3:]:
+    blocker.unlink()
+    write_image(blocker, seed=2)
+    for image in sorted(folder.glob("*.png"))[2 + 3:]:
         image.unlink()
     rest = caption(models, folder, "--out", out, "--sidecar", cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr

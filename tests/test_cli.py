@@ -286,7 +286,8 @@ def test_bad_file(cli: str, case: str, fx: Fixture) -> None:
     elif case == "unreadable-format":
         image, needle = fx.pdf, str(fx.pdf)
     else:
-        extra, needle = ["--kvsmooth", "0.9", "--kvsmooth-trace", str(fx.dir / "no-dir" / "t.jsonl")], "--kvsmooth-trace"
+        extra = ["--kvsmooth", "0.9", "--kvsmooth-trace", str(fx.dir / "no-dir" / "t.jsonl")]
+        needle = "--kvsmooth-trace"
     r = run(cli, caption_args(fx, image, *extra, model=model, mmproj=mmproj))
     assert_fails(r, needle)
 

@@ -113,7 +113,8 @@ def test_fixture_round_trips(tiny_gemma3: TinyFamily, ref: ReferenceFamily) -> N
     assert "<start_of_turn>" in template and "model" in template
     m = GGUFReader(str(tiny_gemma3.mmproj))
     assert gguf_value(m.fields["clip.projector_type"]) == "gemma3"
-    assert {"mm.input_projection.weight", "mm.soft_emb_norm.weight", "v.position_embd.weight"} <= {x.name for x in m.tensors}
+    want = {"mm.input_projection.weight", "mm.soft_emb_norm.weight", "v.position_embd.weight"}
+    assert want <= {x.name for x in m.tensors}
 
 
 def test_reference_window_mask(ref: ReferenceFamily) -> None:
@@ -130,7 +131,8 @@ def test_reference_window_mask(ref: ReferenceFamily) -> None:
 def test_reference_gelu_table() -> None:
     x = np.linspace(-9.9, 9.9, 20001)
     assert np.max(np.abs(gelu_fp16_table(x) - gelu_tanh(x))) < 1e-2       # close to GELU ...
-    assert np.array_equal(gelu_fp16_table(x), gelu_fp16_table(x.astype(np.float16).astype(np.float64)))  # ... a step function of f16(x)
+    # ... a step function of f16(x)
+    assert np.array_equal(gelu_fp16_table(x), gelu_fp16_table(x.astype(np.float16).astype(np.float64)))
     assert gelu_fp16_table(np.array([-10.5, 10.5])).tolist() == [0.0, 10.5]
 
 

@@ -35,6 +35,7 @@ class FakeHub:
     def __init__(self, repos: Dict[str, Dict[str, bytes]]) -> None:
         self.repos = repos
         self.requests: List[Tuple[str, str]] = []
+        self.authorization: List[str] = []  # the Authorization headers that came
         hub_ = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +56,7 @@ class FakeHub:
     def _answer(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         path = h.path.split("?", 1)[0]
         self.requests.append((h.command, path))
+        self.authorization.append(h.headers.get("Authorization", ""))
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo = "/".join(parts[2:4])
@@ -226,12 +228,15 @@ def test_fresh_machine_default_model_then_cache_offline(fake_hub: FakeHub, tmp_p
 def test_hub_errors_and_hf_file(fake_hub: FakeHub, tmp_path: Path, tiny_llava: TinyLlava) -> None:
     env = hub_env(fake_hub, tmp_path / "hf")
     folder = photos(tmp_path / "photos", 1)
-    quant = run(caption_cmd(folder, "-hf", f"{DEFAULT_REPO}:Q5_K_M"), env, tmp_path)
+    fake_hub.authorization.clear()
+    quant = run(caption_cmd(folder, "-hf", f"{DEFAULT_REPO}:Q5_K_M"), dict(env, HF_TOKEN="hf_fromenv"), tmp_path)
     assert quant.returncode == 1, quant.stderr
+    assert fake_hub.authorization == ["Bearer hf_fromenv"]  # HF_TOKEN reaches the hub
     assert "has no GGUF model file with the quantization tag Q5_K_M" in quant.stderr
     assert "llava-v1.5-7b-Q4_K_M.gguf" in quant.stderr  # the list of what there is
-    missing = run(caption_cmd(folder, "--hf-repo", "nobody/nothing-GGUF"), env, tmp_path)
+    missing = run(caption_cmd(folder, "--hf-repo", "nobody/nothing-GGUF", "-hft", "hf_flag"), env, tmp_path)
     assert missing.returncode == 1 and "no model repository nobody/nothing-GGUF at" in missing.stderr
+    assert fake_hub.authorization[-1] == "Bearer hf_flag"
     no_mmproj = run(caption_cmd(folder, "-hf", "tester/no-mmproj-GGUF"), env, tmp_path)
     assert no_mmproj.returncode == 1 and "has no mmproj (projector) GGUF file" in no_mmproj.stderr
     both = run(caption_cmd(folder, "-hf", "tester/tiny-GGUF", "-m", tiny_llava.text), env, tmp_path)
