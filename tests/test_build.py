@@ -57,6 +57,18 @@ def plain_env() -> Dict[str, str]:
     return env
 
 
+def installed_llama_cpp_lib() -> Path:
+    """llama_cpp/lib, which must hold the patched build: `make install`'s layout. A source
+    checkout run with PYTHONPATH has its libraries in pykvsmooth/lib instead."""
+    spec = importlib.util.find_spec("llama_cpp")
+    assert spec is not None and spec.submodule_search_locations, "llama_cpp is not installed"
+    lib = Path(next(iter(spec.submodule_search_locations))).resolve() / "lib"
+    assert (lib / "libllama.so").is_file(), (
+        f"{lib} has no libllama.so: this test checks what `make install` installs; run it in the "
+        "environment `make install` installed into, not on a source checkout through PYTHONPATH")
+    return lib
+
+
 def run_python(code: str, timeout: float = 300) -> str:
     result = subprocess.run([sys.executable, "-c", code], env=plain_env(), capture_output=True, text=True,
                             timeout=timeout, cwd=Path(__file__).resolve().parent)
@@ -67,6 +79,7 @@ def run_python(code: str, timeout: float = 300) -> str:
 def test_plain_import_llama_cpp_loads_the_patched_build() -> None:
     """`import llama_cpp` on its own, first, with no variable set: llama_cpp finds the one
     native build in its own lib folder, and pykvsmooth, imported after it, uses the same."""
+    lib = installed_llama_cpp_lib()
     out = run_python(
         "import llama_cpp, llama_cpp.llama_cpp as l, llama_cpp.mtmd_cpp as m, json\n"
         "info = dict(llama=l._lib._name, mtmd=m._libmtmd._name,\n"
@@ -77,8 +90,7 @@ def test_plain_import_llama_cpp_loads_the_patched_build() -> None:
     info = json.loads(out)
     assert info["patched"], info
     assert info["build"].startswith("pykvsmooth "), info
-    llama_cpp_dir = Path(importlib.util.find_spec("llama_cpp").submodule_search_locations[0])  # type: ignore
-    assert Path(info["llama"]).resolve().parent == Path(info["lib_dir"]) == (llama_cpp_dir / "lib").resolve(), info
+    assert Path(info["llama"]).resolve().parent == Path(info["lib_dir"]) == lib, info
     assert Path(info["mtmd"]).resolve().parent == Path(info["lib_dir"]), info
 
 
@@ -100,6 +112,7 @@ def test_libraries_are_installed_once() -> None:
 def test_kvsmooth_off_is_bit_identical_through_plain_llama_cpp(tiny_llava: TinyLlava) -> None:
     """llama_cpp.Llama and pykvsmooth.Llama(kvsmooth=None) in one process that imported
     llama_cpp first: the same greedy tokens and bit-identical logits."""
+    installed_llama_cpp_lib()
     out = run_python(
         "import json, llama_cpp, numpy as np\n"
         "import pykvsmooth\n"
@@ -125,6 +138,7 @@ def test_kvsmooth_off_is_bit_identical_through_plain_llama_cpp(tiny_llava: TinyL
 
 def test_llama_cpp_server_serves_on_the_patched_build(tiny_llava: TinyLlava) -> None:
     """`python -m llama_cpp.server`, untouched, starts and answers /v1/models on loopback."""
+    installed_llama_cpp_lib()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_llava.text), "--host", "127.0.0.1",
          "--port", "0", "--n_ctx", "256"],
