@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -224,6 +225,15 @@ def test_help_lists_the_flags() -> None:
     for flag in ("--kvsmooth ", "--kvsmooth-window", "--kvsmooth-queue", "--kvsmooth-layers", "--kvsmooth-mode",
                  "LLAMA_ARG_KVSMOOTH", "LLAMA_ARG_KVSMOOTH_MODE"):
         assert flag in r.stdout, f"{flag} missing from llama-server --help"
+
+
+def test_console_script_runs_the_installed_program() -> None:
+    # `llama-server` on PATH is this entry point (pyproject.toml [project.scripts])
+    code = ("import sys; sys.argv = ['llama-server', '--help']\n"
+            "from pykvsmooth._programs import llama_server; llama_server()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--kvsmooth-window" in r.stdout
 
 
 def test_props_report_the_servers_setting(off_server: Server, on_server: Server) -> None:
