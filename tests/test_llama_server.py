@@ -17,6 +17,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -294,10 +295,20 @@ def test_streamed_chat(off_server: Server, on_server: Server, tiny_llava: TinyLl
 def test_four_concurrent_requests_each_as_alone(off_server: Server, tiny_llava: TinyLlava,
                                                 fresh: List[str]) -> None:
     msgs = messages(tiny_llava)
+    start_of_log = len(off_server.log_text())
     with ThreadPoolExecutor(N_PARALLEL) as pool:
         for _ in range(2):
             answers = list(pool.map(lambda v: chat(off_server, msgs, v), SETTINGS))
             assert answers == fresh
+    # the slots were busy at the same time, so their tokens shared batches
+    busy: set = set()
+    most = 0
+    for line in off_server.log_text()[start_of_log:].splitlines():
+        m = re.search(r"(launch_slot_|release): id +(\d+) ", line)
+        if m:
+            (busy.add if m.group(1) == "launch_slot_" else busy.discard)(m.group(2))
+            most = max(most, len(busy))
+    assert most >= 2, "the four requests never overlapped"
 
 
 def test_completion_endpoints(off_server: Server, on_server: Server) -> None:
