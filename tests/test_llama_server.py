@@ -93,16 +93,18 @@ class Server:
             self.proc.wait(timeout=30)
 
 
-def server_args(fx: TinyLlava, *extra: str) -> List[str]:
-    return ["-m", str(fx.text), "--mmproj", str(fx.mmproj), "-c", str(1024 * N_PARALLEL),
-            "--parallel", str(N_PARALLEL), "-t", "1", "-tb", "1", "--no-warmup", "--seed", "1", *extra]
+def server_args(fx: TinyLlava, *extra: str, model_only: bool = False, ctx: int = 1024,
+                parallel: int = N_PARALLEL) -> List[str]:
+    model = ["-m", str(fx.text)] + ([] if model_only else ["--mmproj", str(fx.mmproj)])
+    return [*model, "-c", str(ctx * parallel), "--parallel", str(parallel),
+            "-t", "1", "-tb", "1", "--no-warmup", "--seed", "1", *extra]
 
 
-def start(fx: TinyLlava, tmp: Path, *extra: str, env: Optional[Dict[str, str]] = None) -> Server:
+def start(fx: TinyLlava, tmp: Path, *extra: str, env: Optional[Dict[str, str]] = None, **kw: Any) -> Server:
     port = free_port()
     log = tmp / f"llama-server-{port}.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([program("llama-server"), *server_args(fx, *extra),
+        proc = subprocess.Popen([program("llama-server"), *server_args(fx, *extra, **kw),
                                  "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env or clean_env())
     s = Server(proc, port, log)
@@ -363,6 +365,23 @@ def test_cut_stream_leaves_no_setting_behind(off_server: Server, tiny_llava: Tin
     # the next request on that slot, without the field, gets the server's setting: off
     assert chat(off_server, messages(tiny_llava), id_slot=2) == fresh[0]
     assert chat(off_server, messages(tiny_llava), False, id_slot=2) == fresh[0]
+
+
+def test_context_shift_with_kvsmooth(tiny_llava: TinyLlava, tmp: Path) -> None:
+    # text only (a multimodal server has no context shift); 300 tokens in a 128-token context
+    s = start(tiny_llava, tmp, "--context-shift", "--kvsmooth", "0.9", model_only=True, ctx=128, parallel=1)
+    try:
+        body = {"prompt": "USER: Tell me a story. ASSISTANT:", "n_predict": 300, "temperature": 0, "seed": 1}
+        answers = []
+        for _ in range(2):
+            status, r = post(s, "/completion", body)
+            assert status == 200, r
+            assert r["tokens_predicted"] == 300, r
+            answers.append(r["content"])
+        assert "context shift" in s.log_text()
+        assert answers[0] == answers[1]  # the second on a warm slot
+    finally:
+        s.stop()
 
 
 # --- bad values ---------------------------------------------------------------------------------
