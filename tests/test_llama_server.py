@@ -367,6 +367,38 @@ def test_cut_stream_leaves_no_setting_behind(off_server: Server, tiny_llava: Tin
     assert chat(off_server, messages(tiny_llava), False, id_slot=2) == fresh[0]
 
 
+def test_prompt_cache_gives_fresh_answers(tiny_llava: TinyLlava, tmp: Path) -> None:
+    # one slot: each new prompt moves the slot's cache into the host prompt cache (--cache-ram),
+    # from which the first prompt's tokens come back
+    def complete(s: Server, prompt: str) -> str:
+        body = {"prompt": prompt, "n_predict": MAX_TOKENS, "temperature": 0, "seed": 1, "kvsmooth": 0.9}
+        status, r = post(s, "/completion", body)
+        assert status == 200, r
+        return str(r["content"])
+
+    first, second = "USER: Tell me a story about a cat. ASSISTANT:", "USER: What is a dog? ASSISTANT:"
+    fresh_server = start(tiny_llava, tmp, model_only=True, parallel=1)
+    try:
+        expected = complete(fresh_server, first)
+    finally:
+        fresh_server.stop()
+    s = start(tiny_llava, tmp, model_only=True, parallel=1)
+    try:
+        assert complete(s, first) == expected
+        complete(s, second)
+        assert complete(s, first) == expected
+        # the third request came back from the prompt cache but for the final prompt token
+        deadline = time.monotonic() + 10  # the log is written by a thread of its own
+        while True:
+            evaluated = re.findall(r"prompt eval time = .*?/ *(\d+) tokens", s.log_text())
+            if len(evaluated) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(evaluated) == 3 and evaluated[-1] == "1", evaluated
+    finally:
+        s.stop()
+
+
 def test_context_shift_with_kvsmooth(tiny_llava: TinyLlava, tmp: Path) -> None:
     # text only (a multimodal server has no context shift); 300 tokens in a 128-token context
     s = start(tiny_llava, tmp, "--context-shift", "--kvsmooth", "0.9", model_only=True, ctx=128, parallel=1)
