@@ -28,3 +28,7 @@ def llama_mtmd_cli() -> NoReturn:
 
 def llama_llava_cli() -> NoReturn:
     _exec("llama-llava-cli")
+
+
+def llama_server() -> NoReturn:
+    _exec("llama-server")

@@ -45,6 +45,12 @@ KEEP = (
     "src",
     "vendor",
     "tools/mtmd",
+    "tools/server",
+    # llama-server's llama-ui library, built without its web assets (no npm, no download)
+    "tools/ui/CMakeLists.txt",
+    "tools/ui/ui.cpp.in",
+    "tools/ui/ui.h.in",
+    "scripts/ui-assets.cmake",
     "tests/test-backend-ops.cpp",
 )
 # Large files inside KEEP that nothing builds from.
@@ -140,7 +146,8 @@ def keep_member(rel: str) -> bool:
 def extract_pristine(cache: Path, archive: Path, lock: dict[str, str]) -> Path:
     pristine = cache / f"pristine-{lock['llama_cpp_commit'][:12]}"
     stamp = pristine / ".pykvsmooth-complete"
-    if stamp.exists():
+    stamp_text = lock["llama_cpp_commit"] + "\n" + " ".join(KEEP) + "\n"
+    if stamp.exists() and stamp.read_text() == stamp_text:
         return pristine
     if pristine.exists():
         shutil.rmtree(pristine)
@@ -155,7 +162,7 @@ def extract_pristine(cache: Path, archive: Path, lock: dict[str, str]) -> Path:
                 continue
             member.name = rel
             tar.extract(member, tmp, filter="data")
-    (tmp / ".pykvsmooth-complete").write_text(lock["llama_cpp_commit"] + "\n")
+    (tmp / ".pykvsmooth-complete").write_text(stamp_text)
     tmp.replace(pristine)
     return pristine
 
