@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, TextIO, Tuple, Union
 
-from . import handlers, hub
+from . import config, handlers, hub
 from .config import KVSmoothConfig
 
 DEFAULT_PROMPT = "Please describe the image in detail."
@@ -77,15 +77,16 @@ def add_kvsmooth_arguments(parser: argparse.ArgumentParser, default: Optional[fl
                          f"(default: {'off' if default is None else default})")
     on.add_argument("--no-kvsmooth", dest="kvsmooth", action="store_const", const=None,
                     help="turn KVSmooth off (a baseline)")
-    group.add_argument("--kvsmooth-window", type=float, metavar="W", default=0.2,
-                       help="lambda is clipped to LAMBDA_REF +- W (default: 0.2)")
-    group.add_argument("--kvsmooth-queue", type=int, metavar="M", default=15,
-                       help="capacity of the per-layer entropy queue, in [1, 256] (default: 15)")
+    group.add_argument("--kvsmooth-window", type=float, metavar="W", default=config.DEFAULT_WINDOW,
+                       help=f"lambda is clipped to LAMBDA_REF +- W (default: {config.DEFAULT_WINDOW:g})")
+    group.add_argument("--kvsmooth-queue", type=int, metavar="M", default=config.DEFAULT_QUEUE,
+                       help=f"capacity of the per-layer entropy queue, in [1, {config.MAX_QUEUE}] "
+                            f"(default: {config.DEFAULT_QUEUE})")
     group.add_argument("--kvsmooth-layers", metavar="START-END", type=_layer_range, default=(None, None),
-                       help="smoothed decoder layers, END exclusive (default: 3-(n_layer - 1))")
-    group.add_argument("--kvsmooth-mode", choices=("adaptive", "fixed", "keys"), default="adaptive",
+                       help=f"smoothed decoder layers, END exclusive (default: {config.DEFAULT_LAYERS_TEXT})")
+    group.add_argument("--kvsmooth-mode", choices=tuple(config.MODES), default=config.DEFAULT_MODE,
                        help="adaptive: lambda from the entropy rank; fixed: lambda = LAMBDA_REF; "
-                            "keys: adaptive, K only (default: adaptive)")
+                            f"keys: adaptive, K only (default: {config.DEFAULT_MODE})")
 
 
 def _layer_range(text: str) -> Tuple[int, int]:
@@ -854,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=512, help="default: 512")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (default: 0)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    add_kvsmooth_arguments(ap, default=0.9)
+    add_kvsmooth_arguments(ap, default=config.DEFAULT_LAMBDA_REF)
     out = ap.add_argument_group("Outputs (default: --sidecar)")
     out.add_argument("--out", "-o", type=Path, metavar="FILE.jsonl|DIR.parquet",
                      help="one record per image: JSONL (appended as images finish) or a Parquet folder")
