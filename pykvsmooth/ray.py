@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 from . import caption as _caption
-from .config import KVSmoothConfig, KVSmoothValue
+from .config import DEFAULT_LAMBDA_REF, KVSmoothConfig, KVSmoothValue
 
 OUTPUT_COLUMNS = ("caption", "error", "prompt", "kvsmooth", "prompt_tokens", "completion_tokens", "seconds")
 
@@ -58,7 +58,7 @@ class Captioner:
 
     def __init__(self, model: Optional[str] = None, mmproj: Optional[str] = None, *,
                  hf_repo: Optional[str] = None, hf_file: Optional[str] = None, hf_revision: str = "main",
-                 kvsmooth: KVSmoothValue = 0.9, **settings: Any) -> None:
+                 kvsmooth: KVSmoothValue = DEFAULT_LAMBDA_REF, **settings: Any) -> None:
         if hf_repo is not None:
             from . import hub
 

@@ -24,12 +24,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ..config import DEFAULT_LAMBDA_REF
+from ..config import MODES as _CONFIG_MODES
 from .coco import EvalError, PathLike, load_annotations, sample_image_ids
 
 PROMPT = "Please describe the image in detail."
 MANIFEST = "run.json"
 MANIFEST_FORMAT = 1
-MODES: tuple[str, ...] = ("adaptive", "fixed", "keys")
+MODES: tuple[str, ...] = tuple(_CONFIG_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +114,7 @@ class GenerateOptions:
     instances: Path
     out_dir: Path
     captions: Path | None = None  # only recorded, for `report`
-    settings: tuple[Setting, ...] = (Setting(), Setting("adaptive", 0.9))
+    settings: tuple[Setting, ...] = (Setting(), Setting("adaptive", DEFAULT_LAMBDA_REF))
     n_images: int = 500
     seed: int = 0
     prompt: str = PROMPT
