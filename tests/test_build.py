@@ -168,7 +168,7 @@ def test_llama_cpp_server_serves_on_the_patched_build(tiny_llava: TinyLlava) -> 
         proc.wait(timeout=60)
 
 
-@pytest.mark.parametrize("program", ["llama-mtmd-cli", "llama-llava-cli"])
+@pytest.mark.parametrize("program", ["llama-mtmd-cli", "llama-llava-cli", "llama-server"])
 def test_cli_help(program: str) -> None:
     path = shutil.which(program)
     assert path, f"{program} is not on PATH; run `make install`"
