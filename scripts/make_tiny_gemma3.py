@@ -22,7 +22,6 @@ sliding layers, as Gemma 3.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -236,22 +235,11 @@ def write_mmproj(path: str | Path, seed: int = 0, text_n_embd: int = 256, weight
 
 
 def write_pair(outdir: str | Path, seed: int = 0, weights: str = "f32") -> tuple[Path, Path]:
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = write_text_model(out / TEXT_FILE, seed=seed, weights=weights)
-    write_mmproj(out / MMPROJ_FILE, seed=seed, text_n_embd=text.n_embd, weights=weights)
-    return out / TEXT_FILE, out / MMPROJ_FILE
+    return llava.write_model_pair(outdir, TEXT_FILE, MMPROJ_FILE, write_text_model, write_mmproj, seed, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outdir")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", choices=("f32", "f16"), default="f32")
-    args = ap.parse_args(argv)
-    for p in write_pair(args.outdir, args.seed, args.weights):
-        print(p)
-    return 0
+    return llava.pair_main(__doc__, write_pair, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import gguf
@@ -306,23 +306,39 @@ def write_test_image(path: str | Path, size: tuple[int, int] = (64, 48), seed: i
     Image.fromarray(img, "RGB").save(str(path))
 
 
-def write_pair(outdir: str | Path, seed: int = 0, weights: str = "f32") -> tuple[Path, Path]:
+def write_model_pair(outdir: str | Path, text_file: str, mmproj_file: str, write_text: Any, write_projector: Any,
+                     seed: int = 0, weights: str = "f32", **text_dims: Any) -> tuple[Path, Path]:
+    """A text model and its mmproj in outdir; the projector's input width follows the text
+    model's (every family's writer pair goes through here)."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    text = write_text_model(out / TEXT_FILE, seed=seed, weights=weights)
-    write_mmproj(out / MMPROJ_FILE, seed=seed, text_n_embd=text.n_embd, weights=weights)
-    return out / TEXT_FILE, out / MMPROJ_FILE
+    text = write_text(out / text_file, seed=seed, weights=weights, **text_dims)
+    write_projector(out / mmproj_file, seed=seed, text_n_embd=text.n_embd, weights=weights)
+    return out / text_file, out / mmproj_file
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def write_pair(outdir: str | Path, seed: int = 0, weights: str = "f32") -> tuple[Path, Path]:
+    return write_model_pair(outdir, TEXT_FILE, MMPROJ_FILE, write_text_model, write_mmproj, seed, weights)
+
+
+def pair_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line every fixture writer takes: OUTDIR [--seed N] [--weights f32|f16]."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("outdir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", choices=("f32", "f16"), default="f32")
-    args = ap.parse_args(argv)
-    for p in write_pair(args.outdir, args.seed, args.weights):
+    return ap
+
+
+def pair_main(doc: str, write: Any, argv: list[str] | None = None) -> int:
+    args = pair_arguments(doc).parse_args(argv)
+    for p in write(args.outdir, args.seed, args.weights):
         print(p)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return pair_main(__doc__, write_pair, argv)
 
 
 if __name__ == "__main__":

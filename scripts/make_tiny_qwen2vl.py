@@ -25,7 +25,6 @@ vision layer 0 whose output is the embeddings' second half).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -315,26 +314,16 @@ def write_qwen3vl_mmproj(path: str | Path, seed: int = 0, text_n_embd: int = 256
 
 
 def write_qwen3vl_pair(outdir: str | Path, seed: int = 0, weights: str = "f32") -> tuple[Path, Path]:
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = write_qwen3vl_text_model(out / QWEN3VL_TEXT_FILE, seed=seed, weights=weights, n_deepstack=1)
-    write_qwen3vl_mmproj(out / QWEN3VL_MMPROJ_FILE, seed=seed, text_n_embd=text.n_embd, weights=weights)
-    return out / QWEN3VL_TEXT_FILE, out / QWEN3VL_MMPROJ_FILE
+    return llava.write_model_pair(outdir, QWEN3VL_TEXT_FILE, QWEN3VL_MMPROJ_FILE, write_qwen3vl_text_model,
+                                  write_qwen3vl_mmproj, seed, weights, n_deepstack=1)
 
 
 def write_pair(outdir: str | Path, seed: int = 0, weights: str = "f32") -> tuple[Path, Path]:
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = write_text_model(out / TEXT_FILE, seed=seed, weights=weights)
-    write_mmproj(out / MMPROJ_FILE, seed=seed, text_n_embd=text.n_embd, weights=weights)
-    return out / TEXT_FILE, out / MMPROJ_FILE
+    return llava.write_model_pair(outdir, TEXT_FILE, MMPROJ_FILE, write_text_model, write_mmproj, seed, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outdir")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", choices=("f32", "f16"), default="f32")
+    ap = llava.pair_arguments(__doc__)
     ap.add_argument("--qwen3vl", action="store_true", help="also write the Qwen3-VL pair")
     args = ap.parse_args(argv)
     for p in write_pair(args.outdir, args.seed, args.weights):
