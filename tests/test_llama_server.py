@@ -19,9 +19,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -70,12 +70,6 @@ def clean_env() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
         self.proc, self.port, self.log = proc, port, log
@@ -100,31 +94,44 @@ def server_args(fx: TinyLlava, *extra: str, model_only: bool = False, ctx: int =
             "-t", "1", "-tb", "1", "--no-warmup", "--seed", "1", *extra]
 
 
+LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
 def start(fx: TinyLlava, tmp: Path, *extra: str, env: Optional[Dict[str, str]] = None, **kw: Any) -> Server:
-    port = free_port()
-    log = tmp / f"llama-server-{port}.log"
+    return launch(server_args(fx, *extra, **kw), tmp, env)
+
+
+def launch(args: List[str], tmp: Path, env: Optional[Dict[str, str]] = None) -> Server:
+    """llama-server ARGS on 127.0.0.1 and a port the system picks (--port 0: no race with
+    another process for a port chosen here), once /health answers 200."""
+    log = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log", dir=tmp)[1])
     with log.open("w") as out:
-        proc = subprocess.Popen([program("llama-server"), *server_args(fx, *extra, **kw),
-                                 "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([program("llama-server"), *args, "--host", "127.0.0.1", "--port", "0"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env or clean_env())
-    s = Server(proc, port, log)
+    s = Server(proc, 0, log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"llama-server exited with {proc.returncode}:\n{s.log_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(s.url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return s
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
+        if not s.port:
+            found = LISTENING.search(s.log_text())
+            if found:
+                s.port = int(found.group(1))
+                s.url = f"http://127.0.0.1:{s.port}"
+        if s.port:
+            try:
+                with urllib.request.urlopen(s.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return s
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
         time.sleep(0.2)
     s.stop()
     pytest.fail(f"llama-server did not become healthy in {START_TIMEOUT_S} s:\n{s.log_text()[-3000:]}")
 
 
-def started(fx: TinyLlava, tmp: Path, *extra: str) -> Iterator[Server]:
-    s = start(fx, tmp, *extra)
+def started(fx: TinyLlava, tmp: Path, *extra: str, **kw: Any) -> Iterator[Server]:
+    s = start(fx, tmp, *extra, **kw)
     try:
         yield s
     finally:
@@ -456,7 +463,7 @@ def test_bad_flags_stop_the_server(tiny_llava: TinyLlava) -> None:
     for extra, needle in ((["--kvsmooth", "1.5"], "--kvsmooth"),
                           (["--kvsmooth", "0.9", "--kvsmooth-mode", "bogus"], "--kvsmooth-mode"),
                           (["--kvsmooth", "0.9", "--kvsmooth-layers", "3-99"], "--kvsmooth")):
-        r = subprocess.run([program("llama-server"), *server_args(tiny_llava, *extra), "--port", str(free_port())],
+        r = subprocess.run([program("llama-server"), *server_args(tiny_llava, *extra), "--port", "0"],
                            capture_output=True, text=True, timeout=120, env=clean_env())
         assert r.returncode != 0 and needle in r.stderr + r.stdout, (extra, r.stderr[-2000:])
 
@@ -464,27 +471,12 @@ def test_bad_flags_stop_the_server(tiny_llava: TinyLlava) -> None:
 def test_speculative_decoding_is_refused(tiny_llava: TinyLlava, tmp: Path) -> None:
     # n-gram speculation needs no draft model; verifying its drafts decodes several tokens of a slot at once
     args = ["-m", str(tiny_llava.text), "--spec-type", "ngram-simple", "-c", "1024", "-t", "1", "--no-warmup"]
-    r = subprocess.run([program("llama-server"), *args, "--kvsmooth", "0.9", "--port", str(free_port())],
+    r = subprocess.run([program("llama-server"), *args, "--kvsmooth", "0.9", "--port", "0"],
                        capture_output=True, text=True, timeout=120, env=clean_env())
     assert r.returncode != 0 and "speculative decoding" in r.stderr + r.stdout, r.stderr[-2000:]
     # without --kvsmooth the server runs; a request that asks for KVSmooth is refused
-    port = free_port()
-    log = tmp / "speculative.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([program("llama-server"), *args, "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=clean_env())
-    s = Server(proc, port, log)
+    s = launch(args, tmp)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, s.log_text()[-3000:]
-            assert time.monotonic() < deadline, s.log_text()[-3000:]
-            try:
-                with urllib.request.urlopen(s.url + "/health", timeout=5) as h:
-                    if h.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.2)
         status, body = post(s, "/completion", {"prompt": "Hello", "n_predict": 2, "kvsmooth": 0.9})
         assert status == 400 and "speculative decoding" in body["error"]["message"], body
         status, body = post(s, "/completion", {"prompt": "Hello", "n_predict": 2})
