@@ -39,6 +39,11 @@ LLAMA_KVSMOOTH_MODE_ADAPTIVE = 0
 LLAMA_KVSMOOTH_MODE_FIXED = 1
 LLAMA_KVSMOOTH_MODE_KEYS = 2
 
+# enum llama_kvsmooth_impl
+LLAMA_KVSMOOTH_IMPL_AUTO = 0
+LLAMA_KVSMOOTH_IMPL_FUSED = 1
+LLAMA_KVSMOOTH_IMPL_COMPOSED = 2
+
 # return values of llama_kvsmooth_set
 LLAMA_KVSMOOTH_ERR_INVALID_PARAM = -1
 LLAMA_KVSMOOTH_ERR_UNSUPPORTED = -2
@@ -54,6 +59,7 @@ LLAMA_KVSMOOTH_ERR_ALLOC = -3
 #     float   eps;
 #     enum llama_kvsmooth_mode mode;
 #     bool    trace;
+#     enum llama_kvsmooth_impl impl;
 # };
 class llama_kvsmooth_params(ctypes.Structure):
     if TYPE_CHECKING:
@@ -65,6 +71,7 @@ class llama_kvsmooth_params(ctypes.Structure):
         eps: float
         mode: int
         trace: bool
+        impl: int
 
     _fields_ = [
         ("lambda_ref", ctypes.c_float),
@@ -75,6 +82,7 @@ class llama_kvsmooth_params(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("mode", ctypes.c_int),
         ("trace", ctypes.c_bool),
+        ("impl", ctypes.c_int),
     ]
 
 

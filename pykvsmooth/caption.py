@@ -87,6 +87,10 @@ def add_kvsmooth_arguments(parser: argparse.ArgumentParser, default: Optional[fl
     group.add_argument("--kvsmooth-mode", choices=tuple(config.MODES), default=config.DEFAULT_MODE,
                        help="adaptive: lambda from the entropy rank; fixed: lambda = LAMBDA_REF; "
                             f"keys: adaptive, K only (default: {config.DEFAULT_MODE})")
+    group.add_argument("--kvsmooth-impl", choices=tuple(config.IMPLS), default=config.DEFAULT_IMPL,
+                       help="auto: the KVSmooth op where the device has it, else stock ggml ops; fused: the op "
+                            "only; composed: stock ggml ops only (every backend, slower) "
+                            f"(default: {config.DEFAULT_IMPL})")
 
 
 def _layer_range(text: str) -> Tuple[int, int]:
@@ -105,7 +109,7 @@ def kvsmooth_from_args(args: argparse.Namespace) -> Optional[KVSmoothConfig]:
         return None
     start, end = args.kvsmooth_layers
     return KVSmoothConfig(lambda_ref=args.kvsmooth, window=args.kvsmooth_window, queue=args.kvsmooth_queue,
-                          layer_start=start, layer_end=end, mode=args.kvsmooth_mode)
+                          layer_start=start, layer_end=end, mode=args.kvsmooth_mode, impl=args.kvsmooth_impl)
 
 
 # --- inputs -------------------------------------------------------------------------------

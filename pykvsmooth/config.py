@@ -19,6 +19,13 @@ MODES = {
     "fixed": _capi.LLAMA_KVSMOOTH_MODE_FIXED,
     "keys": _capi.LLAMA_KVSMOOTH_MODE_KEYS,
 }
+# how the smoothing is computed (SPEC §4.2): auto = the KVSmooth op where the device has it,
+# else stock ggml ops; fused = the op only; composed = stock ops only (every backend, slower)
+IMPLS = {
+    "auto": _capi.LLAMA_KVSMOOTH_IMPL_AUTO,
+    "fused": _capi.LLAMA_KVSMOOTH_IMPL_FUSED,
+    "composed": _capi.LLAMA_KVSMOOTH_IMPL_COMPOSED,
+}
 MAX_QUEUE = 256  # GGML_KVSMOOTH_MAX_QUEUE
 
 
@@ -38,6 +45,7 @@ DEFAULT_WINDOW: float = _c_float(_C_DEFAULTS.window)
 DEFAULT_QUEUE: int = int(_C_DEFAULTS.queue)
 DEFAULT_EPS: float = _c_float(_C_DEFAULTS.eps)
 DEFAULT_MODE: str = {v: k for k, v in MODES.items()}[int(_C_DEFAULTS.mode)]
+DEFAULT_IMPL: str = {v: k for k, v in IMPLS.items()}[int(_C_DEFAULTS.impl)]
 # the default layer range is the loaded model's [3, n_layer - 1) (SPEC §1), chosen in C
 DEFAULT_LAYERS_TEXT = "3-(n_layer - 1)"
 
@@ -55,6 +63,7 @@ class KVSmoothConfig:
     mode: str = DEFAULT_MODE
     eps: float = DEFAULT_EPS
     trace: bool = False
+    impl: str = DEFAULT_IMPL
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -82,6 +91,8 @@ class KVSmoothConfig:
             )
         if self.mode not in MODES:
             raise ValueError(f"KVSmoothConfig.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"KVSmoothConfig.impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
 
     @classmethod
     def coerce(cls, value: "KVSmoothValue") -> Optional["KVSmoothConfig"]:
@@ -113,6 +124,7 @@ class KVSmoothConfig:
         params.eps = self.eps
         params.mode = MODES[self.mode]
         params.trace = self.trace
+        params.impl = IMPLS[self.impl]
         return params
 
     def as_dict(self) -> Dict[str, Any]:

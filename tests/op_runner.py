@@ -28,6 +28,9 @@ RC_NAMES = {RC_OK: "ok", RC_BAD_ARGUMENTS: "bad arguments", RC_NO_BACKEND: "back
             RC_NOT_SUPPORTED: "op not supported on backend"}  # fmt: skip
 
 
+IMPLS = ("fused", "composed")
+
+
 class RunnerNotFound(RuntimeError):
     pass
 
@@ -70,21 +73,25 @@ def load_library() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         lib = ctypes.CDLL(str(find_library()))
-        lib.kvsmooth_op_run.restype = ctypes.c_int
-        lib.kvsmooth_op_run.argtypes = [
-            ctypes.c_char_p,
-            ctypes.POINTER(KvsmoothOpCase),
-            ctypes.c_void_p,  # kq_or_q
-            ctypes.c_void_p,  # mask
-            ctypes.c_void_p,  # sinks
-            ctypes.c_void_p,  # k
-            ctypes.c_void_p,  # v
-            ctypes.c_void_p,  # ids
-            ctypes.c_void_p,  # state
-            ctypes.c_void_p,  # result
-        ]
+        for fn in (lib.kvsmooth_op_run, lib.kvsmooth_op_run_composed):
+            fn.restype = ctypes.c_int
+            fn.argtypes = ARGTYPES
         _lib = lib
     return _lib
+
+
+ARGTYPES = [
+    ctypes.c_char_p,
+    ctypes.POINTER(KvsmoothOpCase),
+    ctypes.c_void_p,  # kq_or_q
+    ctypes.c_void_p,  # mask
+    ctypes.c_void_p,  # sinks
+    ctypes.c_void_p,  # k
+    ctypes.c_void_p,  # v
+    ctypes.c_void_p,  # ids
+    ctypes.c_void_p,  # state
+    ctypes.c_void_p,  # result
+]
 
 
 @dataclass
@@ -110,8 +117,12 @@ def run_case(
     v: np.ndarray,
     ids: np.ndarray,
     state: np.ndarray,
+    impl: str = "fused",
 ) -> RunOutput:
-    """Run the op once; inputs are not modified, the outputs are fresh arrays."""
+    """Run the op once (impl "fused": GGML_OP_KVSMOOTH; "composed": the same computation from
+    stock ggml ops); inputs are not modified, the outputs are fresh arrays."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     lib = load_library()
     c = KvsmoothOpCase(**{f.name: getattr(case, f.name) for f in fields(OpCase)})
     kq_or_q = np.ascontiguousarray(kq_or_q, dtype=np.float32)
@@ -123,7 +134,8 @@ def run_case(
     state_out = np.array(state, dtype=np.float32, copy=True, order="C")
     # NaN marks entries the op never wrote
     result = np.full((case.n_smooth, 4), np.nan, dtype=np.float32)
-    rc = lib.kvsmooth_op_run(
+    entry = lib.kvsmooth_op_run if impl == "fused" else lib.kvsmooth_op_run_composed
+    rc = entry(
         backend.encode(),
         ctypes.byref(c),
         _ptr(kq_or_q),

@@ -85,6 +85,9 @@ REF_CASES = {
     "fixed-all-layers": (dict(n_batch=16), KVSmoothConfig(lambda_ref=0.6, mode="fixed", layer_start=0, layer_end=6)),
     "keys-small-queue": (dict(n_batch=16), KVSmoothConfig(lambda_ref=0.5, window=0.4, queue=4, mode="keys",
                                                          layer_start=1, layer_end=5)),
+    # stock ggml ops instead of the KVSmooth op (SPEC 4.2)
+    "composed-logits_all-chunked": (dict(logits_all=True, n_batch=8), KVSmoothConfig(impl="composed")),
+    "composed-flash-attn": (dict(logits_all=True, n_batch=8, flash_attn=True), KVSmoothConfig(impl="composed")),
 }
 
 
@@ -266,6 +269,7 @@ def test_off_is_bit_identical_to_llama_cpp(fx: Fixture, off: Any) -> None:
     (dict(layer_start=4, layer_end=4), r"layer range \[4, 4\) is empty"),
     (dict(mode="value"), r"mode must be one of adaptive, fixed, keys, got 'value'"),
     (dict(eps=1.0), r"eps must be in \[0, 1\)"),
+    (dict(impl="gpu"), r"impl must be one of auto, fused, composed, got 'gpu'"),
 ])
 def test_config_validation_names_the_field(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

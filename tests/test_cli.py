@@ -137,7 +137,8 @@ def test_help_lists_flags(cli: str) -> None:
     assert r.returncode == 0
     text = r.stdout + r.stderr
     for flag in ("--kvsmooth ", "--kvsmooth-window", "--kvsmooth-queue", "--kvsmooth-layers",
-                 "--kvsmooth-mode", "--kvsmooth-trace", "LLAMA_ARG_KVSMOOTH", "LLAMA_ARG_KVSMOOTH_TRACE"):
+                 "--kvsmooth-mode", "--kvsmooth-impl", "--kvsmooth-trace", "LLAMA_ARG_KVSMOOTH",
+                 "LLAMA_ARG_KVSMOOTH_TRACE", "LLAMA_ARG_KVSMOOTH_IMPL"):
         assert flag in text, flag
 
 
@@ -153,6 +154,18 @@ def test_flash_attention_same_answer(cli: str, fx: Fixture) -> None:
     # the scores path (flash attention) and the probabilities path smooth alike
     on = caption(cli, fx, fx.png, "--kvsmooth", "0.9", "-fa", "on")
     assert on == caption(cli, fx, fx.png, "--kvsmooth", "0.9", "-fa", "off")
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_composed_impl_same_answer(cli: str, fx: Fixture) -> None:
+    # stock ggml ops (SPEC 4.2) instead of the KVSmooth op: the same greedy answer, both paths
+    for fa in ("off", "on"):
+        fused = caption(cli, fx, fx.png, "--kvsmooth", "0.9", "-fa", fa, "--kvsmooth-impl", "fused")
+        assert caption(cli, fx, fx.png, "--kvsmooth", "0.9", "-fa", fa, "--kvsmooth-impl", "composed") == fused
+        env = clean_env() | {"LLAMA_ARG_KVSMOOTH_IMPL": "composed"}
+        r = run(cli, caption_args(fx, fx.png, "--kvsmooth", "0.9", "-fa", fa, "-v"), env=env)
+        assert r.returncode == 0 and r.stdout == fused, r.stderr[-3000:]
+        assert "create: impl = composed, mode = adaptive" in r.stderr  # what the variable chose
 
 
 # --- trace ---------------------------------------------------------------------------
@@ -246,6 +259,7 @@ BAD_FLAGS = [
     (["--kvsmooth", "0.9", "--kvsmooth-layers", "3"], "--kvsmooth-layers"),
     (["--kvsmooth", "0.9", "--kvsmooth-layers", "a-b"], "--kvsmooth-layers"),
     (["--kvsmooth", "0.9", "--kvsmooth-mode", "bogus"], "--kvsmooth-mode"),
+    (["--kvsmooth", "0.9", "--kvsmooth-impl", "bogus"], "--kvsmooth-impl"),
     # valid syntax, but the fixture has 6 layers: refused when the context is set up
     (["--kvsmooth", "0.9", "--kvsmooth-layers", "3-99"], "--kvsmooth"),
     # a KV cache type KVSmooth does not blend (SPEC 4): refused, not a crash

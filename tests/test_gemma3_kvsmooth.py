@@ -86,10 +86,12 @@ def test_layer_ranges_hold_both_kinds(ref: ReferenceFamily) -> None:
     assert {ref.is_swa[3], ref.is_swa[4]} == {True, False}  # the default range [3, 5)
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("params,swa_full", [pytest.param(p.values[0], False, id=f"{p.id}-swa-small") for p in GRID]
                          + [pytest.param(p.values[0], True, id=f"{p.id}-swa-full") for p in GRID[:2]])
-def test_matches_reference(model, workloads, gen, reference, params: Params, swa_full: bool) -> None:
+def test_matches_reference(model, workloads, gen, reference, params: Params, swa_full: bool, impl: str) -> None:
     want = reference(params, "short")
+    params = dataclasses.replace(params, impl=impl)
     assert max_diff(want.logits, reference(None, "short").logits) > 100 * LOGIT_ATOL
     with ctx_of(model, params, swa_full=swa_full) as ctx:
         got = fn.run_native(ctx, model.n_vocab, workloads["short"], gen, max_chunk=N_UBATCH)
@@ -169,9 +171,11 @@ FA_GRID = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("params", FA_GRID)
-def test_flash_attn_matches_reference(model, workloads, gen, reference, params: Params) -> None:
+def test_flash_attn_matches_reference(model, workloads, gen, reference, params: Params, impl: str) -> None:
     want = reference(params, "long")
+    params = dataclasses.replace(params, impl=impl)
     assert max_diff(want.logits, reference(None, "long").logits) > 5 * FA_ATOL
     with ctx_of(model, params, swa_full=False, flash_attn=True) as ctx:
         got = fn.run_native(ctx, model.n_vocab, workloads["long"], gen, max_chunk=N_UBATCH)

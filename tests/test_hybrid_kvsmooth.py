@@ -16,6 +16,8 @@ hybrid memory context, not a plain KV-cache one).
 
 from __future__ import annotations
 
+import dataclasses
+
 import ctypes
 from typing import Callable
 
@@ -33,10 +35,12 @@ from test_llama_kvsmooth import (  # noqa: E402
     Batch, LogCapture, Model, Params, TraceRec, context, logits_row, max_diff, read_trace, run_native, tokens)
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("params", GRID)
-def test_matches_reference(family: Family, model: Model, workload, reference, params: Params) -> None:
+def test_matches_reference(family: Family, model: Model, workload, reference, params: Params, impl: str) -> None:
     prompt, gen = workload
     want = reference(params)
+    params = dataclasses.replace(params, impl=impl)
     with context(model, params) as ctx:
         got = run_native(ctx, model.n_vocab, prompt, gen)
     print(params, "max |dlogit| =", max_diff(got.logits, want.logits))
@@ -56,10 +60,13 @@ def test_prompt_in_several_batches(family: Family, model: Model, workload, refer
     check_trace(got, want, family, params, len(prompt))
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("params", FA_GRID)
-def test_flash_attn_matches_reference(family: Family, model: Model, workload, reference, params: Params) -> None:
+def test_flash_attn_matches_reference(family: Family, model: Model, workload, reference, params: Params,
+                                      impl: str) -> None:
     prompt, gen = workload
     want = reference(params)
+    params = dataclasses.replace(params, impl=impl)
     with context(model, params, flash_attn=True) as ctx:
         got = run_native(ctx, model.n_vocab, prompt, gen, chunk=16)
     d = max_diff(got.logits, want.logits)

@@ -589,23 +589,26 @@ def check_run(inp: Inputs, out: op_runner.RunOutput, ref: orc.OpResult, label: s
         assert np.allclose(got, want_k, rtol=F32_RTOL, atol=1e-6), f"{label}: K vs oracle chain {_worst(got, want_k)}"
 
 
-def run(backend: str, case: OpCase, *args: np.ndarray | None) -> op_runner.RunOutput:
+def run(backend: str, case: OpCase, *args: np.ndarray | None, impl: str = "fused") -> op_runner.RunOutput:
     """op_runner.run_case; a missing library fails the test (it is never a reason to skip)."""
     try:
-        return op_runner.run_case(backend, case, *args)
+        return op_runner.run_case(backend, case, *args, impl=impl)  # type: ignore[arg-type]
     except op_runner.RunnerNotFound as e:
         pytest.fail(str(e), pytrace=False)
 
 
+@pytest.mark.parametrize("impl", op_runner.IMPLS)
 @pytest.mark.parametrize("spec", SPECS, ids=[s.vars() for s in SPECS])
-def test_kvsmooth_op(spec: Spec, kvsmooth_backend: str) -> None:
+def test_kvsmooth_op(spec: Spec, impl: str, kvsmooth_backend: str) -> None:
+    """The op (impl fused) and the same computation from stock ggml ops (composed, SPEC §4.2)
+    against the oracle, in every case."""
     inp = make_inputs(spec)
     args = (inp.kq_or_q, inp.mask, inp.sinks, inp.k, inp.v, inp.ids, inp.state)
     ref = orc.reference(inp.case, *args)
-    out = run(kvsmooth_backend, inp.case, *args)
+    out = run(kvsmooth_backend, inp.case, *args, impl=impl)
     if out.rc == op_runner.RC_NOT_SUPPORTED:
-        pytest.fail(f"backend {kvsmooth_backend} does not support this case (SPEC §4 requires it)")
-    check_run(inp, out, ref, f"{kvsmooth_backend} {spec.path} path")
+        pytest.fail(f"backend {kvsmooth_backend} does not support this case with impl {impl} (SPEC §4 requires it)")
+    check_run(inp, out, ref, f"{kvsmooth_backend} {impl} {spec.path} path")
 
     if spec.path == "q":
         # the probabilities path fed with the same scores' softmax gives the same entropies
@@ -616,8 +619,8 @@ def test_kvsmooth_op(spec: Spec, kvsmooth_backend: str) -> None:
         case_kq = replace(inp.case, from_scores=0, mask_kind=0, has_sinks=0)
         inp_kq = replace(inp, case=case_kq, kq_or_q=kq, mask=None, sinks=None)
         args_kq = (kq, None, None, inp.k, inp.v, inp.ids, inp.state)
-        out_kq = run(kvsmooth_backend, case_kq, *args_kq)
-        label = f"{kvsmooth_backend} kq path on the q path's scores"
+        out_kq = run(kvsmooth_backend, case_kq, *args_kq, impl=impl)
+        label = f"{kvsmooth_backend} {impl} kq path on the q path's scores"
         check_run(inp_kq, out_kq, orc.reference(case_kq, *args_kq), label)
         z_q, z_kq = out.result[:, 0].astype(np.float64), out_kq.result[:, 0].astype(np.float64)
         assert np.all(np.abs(z_q - z_kq) <= z_tol(z_kq)), f"z of the q path vs the kq path: {_worst(z_q, z_kq)}"

@@ -47,6 +47,8 @@ LOGIT_ATOL = 1e-3
 
 MODES = {"adaptive": _capi.LLAMA_KVSMOOTH_MODE_ADAPTIVE, "fixed": _capi.LLAMA_KVSMOOTH_MODE_FIXED,
          "keys": _capi.LLAMA_KVSMOOTH_MODE_KEYS}
+IMPLS = {"auto": _capi.LLAMA_KVSMOOTH_IMPL_AUTO, "fused": _capi.LLAMA_KVSMOOTH_IMPL_FUSED,
+         "composed": _capi.LLAMA_KVSMOOTH_IMPL_COMPOSED}
 # The default range [3, n_layer - 1) of the 6-layer model with the paper's λref/window (λ mostly
 # clipped at λref - w = 0.7: ranks above 10 of 15 are needed to leave the clip), and every layer
 # with λref = w = 0.5, where λ = k / M is never clipped and follows the rank one step at a time.
@@ -69,6 +71,7 @@ class Params:
     layer_start: int = 3
     layer_end: int = 5
     trace: bool = True
+    impl: str = "auto"  # how llama.cpp computes it (the reference has one way)
 
     def reference(self) -> KVSmoothParams:
         return KVSmoothParams(lambda_ref=self.lambda_ref, window=self.window, queue=self.queue,
@@ -79,6 +82,7 @@ class Params:
         p.mode = MODES[self.mode]
         p.lambda_ref, p.window, p.queue = self.lambda_ref, self.window, self.queue
         p.layer_start, p.layer_end, p.trace = self.layer_start, self.layer_end, self.trace
+        p.impl = IMPLS[self.impl]
         return p
 
     @property
@@ -334,10 +338,12 @@ def test_reference_smoothing_changes_the_logits(reference: Callable[..., RefRun]
         assert max_diff(reference(p).logits, off) > 100 * LOGIT_ATOL
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("params", GRID)
-def test_matches_reference(model: Model, workload, reference, params: Params) -> None:
+def test_matches_reference(model: Model, workload, reference, params: Params, impl: str) -> None:
     prompt, gen = workload
     want = reference(params)
+    params = dataclasses.replace(params, impl=impl)
     with context(model, params) as ctx:
         got = run_native(ctx, model.n_vocab, prompt, gen)
     print(params, "max |dlogit| =", max_diff(got.logits, want.logits))
@@ -467,11 +473,13 @@ def test_flash_attn_baseline_without_kvsmooth(model: Model, workload, reference)
     assert max_diff(got.logits, reference(None).logits) <= FA_ATOL / 2
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("params", FA_GRID)
-def test_flash_attn_matches_reference(model: Model, workload, reference, params: Params) -> None:
+def test_flash_attn_matches_reference(model: Model, workload, reference, params: Params, impl: str) -> None:
     prompt, gen = workload
     want = reference(params)
     assert max_diff(want.logits, reference(None).logits) > 10 * FA_ATOL
+    params = dataclasses.replace(params, impl=impl)
     with context(model, params, flash_attn=True) as ctx:
         got = run_native(ctx, model.n_vocab, prompt, gen, chunk=16)
     print(params, "FA max |dlogit| =", max_diff(got.logits, want.logits))
@@ -572,9 +580,11 @@ def _two_sequences(model: Model, params: Params | None, kv_unified: bool) -> tup
 TOGETHER_ATOL = 1e-4
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "per-seq-streams"])
 @pytest.mark.parametrize("params", [GRID[0], GRID[5]])
-def test_two_sequences_in_one_batch(model: Model, reference, params: Params, kv_unified: bool) -> None:
+def test_two_sequences_in_one_batch(model: Model, reference, params: Params, kv_unified: bool, impl: str) -> None:
+    params = dataclasses.replace(params, impl=impl)
     prompts, gens, alone, together = _two_sequences(model, params, kv_unified)
     for seq in (0, 1):
         a, t = alone[seq], together[seq]
@@ -605,6 +615,7 @@ INVALID = [
     ("eps=-1", dict(eps=-1.0), "eps"),
     ("eps=1", dict(eps=1.0), "eps"),
     ("mode=7", dict(mode=7), "mode"),
+    ("impl=3", dict(impl=3), "impl"),
     ("layers=[4,4)", dict(layer_start=4, layer_end=4), "layer"),
     ("layers=[5,-1)=[5,5)", dict(layer_start=5, layer_end=-1), "layer"),
     ("layers=[4,2)", dict(layer_start=4, layer_end=2), "layer"),
@@ -614,7 +625,8 @@ INVALID = [
 ]
 
 # a valid configuration unlike the defaults, so that "unchanged" means something
-VALID = Params(mode="keys", lambda_ref=0.5, window=0.1, queue=7, layer_start=1, layer_end=4, trace=True)
+VALID = Params(mode="keys", lambda_ref=0.5, window=0.1, queue=7, layer_start=1, layer_end=4, trace=True,
+               impl="fused")
 
 
 def _set(ctx: int, log: LogCapture, p: _capi.llama_kvsmooth_params) -> tuple[int, list[str]]:
@@ -881,3 +893,54 @@ def test_set_seq_needs_kvsmooth_and_valid_values(model: Model) -> None:
         fn.argtypes, fn.restype = [L.llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(_SeqParams)], ctypes.c_bool
         assert fn(ctx, 0, ctypes.byref(sp))  # unchanged: the context's
         assert sp.enabled and sp.lambda_ref == pytest.approx(VALID.lambda_ref) and sp.mode == MODES[VALID.mode]
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_impl_is_resolved_and_reported(model: Model, flash_attn: bool) -> None:
+    """auto takes the KVSmooth op where the device has it (the CPU); composed is what was asked
+    for; get_params reports which one runs, never auto."""
+    for asked, runs in (("auto", "fused"), ("fused", "fused"), ("composed", "composed")):
+        with context(model, Params(impl=asked), flash_attn=flash_attn) as ctx:
+            enabled, fields = _state(ctx)
+            assert enabled and fields is not None and fields["impl"] == IMPLS[runs], (asked, fields)
+
+
+def test_composed_several_outputs_of_one_sequence(model: Model, workload) -> None:
+    """Several output tokens of one sequence in one decode (logits_all, speculative checks):
+    the composed path ranks and blends them in order as the KVSmooth op does, up to
+    kvsmooth_composed::MAX_ROUNDS; a decode with more is refused with an error naming the
+    limit (llama_decode fails, the context stays usable), never a crash."""
+    prompt, gen = workload
+    params = Params(mode="adaptive", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5)
+    n_out = 8
+    runs = {}
+    for impl in ("fused", "composed"):
+        with context(model, dataclasses.replace(params, impl=impl)) as ctx:
+            batch = Batch(max(len(prompt), n_out + 1))
+            try:
+                batch.decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)])
+                batch.decode(ctx, [(t, len(prompt) + i, 0, True) for i, t in enumerate(gen[:n_out])])
+                runs[impl] = (np.array([logits_row(ctx, i, model.n_vocab) for i in range(n_out)]), read_trace(ctx))
+            finally:
+                batch.free()
+    (lf, tf), (lc, tc) = runs["fused"], runs["composed"]
+    assert len(tf) == n_out * 6 and max_diff(lf, lc) <= 1e-4
+    decided = [[(r.pos, r.layer, r.rank, r.lam, r.applied) for r in t] for t in (tc, tf)]
+    assert decided[0] == decided[1]
+    assert [r.z for r in tc] == pytest.approx([r.z for r in tf], abs=1e-5)
+
+    with context(model, dataclasses.replace(params, impl="composed")) as ctx:
+        batch = Batch(max(len(prompt), n_out + 1))
+        try:
+            batch.decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)])
+            b = batch.b
+            b.n_tokens = n_out + 1
+            for i in range(n_out + 1):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = gen[i % len(gen)], len(prompt) + i, 1, True
+                b.seq_id[i][0] = 0
+            assert L.llama_decode(ctx, b) != 0
+            assert f"at most {n_out} output tokens of one sequence per decode" in _last_error(ctx)
+            # fewer at a time work
+            batch.decode(ctx, [(gen[0], len(prompt), 0, True)])
+        finally:
+            batch.free()

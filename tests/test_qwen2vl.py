@@ -23,6 +23,8 @@ n_embd), and captions in llama-mtmd-cli with its qwen3vl_merger mmproj.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -168,9 +170,11 @@ GRID = [pytest.param(Params(mode=m, layer_start=s, layer_end=e, lambda_ref=lr, w
         for m in ("adaptive", "fixed", "keys") for s, e, lr, w in [(3, 5, 0.9, 0.2), (0, 6, 0.5, 0.5)]]
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("params", GRID)
-def test_matches_reference_with_image(model, workloads, gen, reference, params: Params) -> None:
+def test_matches_reference_with_image(model, workloads, gen, reference, params: Params, impl: str) -> None:
     want = reference(params, "image-mid")
+    params = dataclasses.replace(params, impl=impl)
     assert max_diff(want.logits, reference(None, "image-mid").logits) > 100 * LOGIT_ATOL
     with fn.context(model, params) as ctx:
         got = fn.run_native(ctx, model.n_vocab, workloads["image-mid"], gen)
@@ -238,10 +242,13 @@ FA_GRID = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["auto", "composed"])
 @pytest.mark.parametrize("workload", ["image-last", "image-mid"])
 @pytest.mark.parametrize("params", FA_GRID)
-def test_flash_attn_matches_reference(model, workloads, gen, reference, params: Params, workload: str) -> None:
+def test_flash_attn_matches_reference(model, workloads, gen, reference, params: Params, workload: str,
+                                      impl: str) -> None:
     want = reference(params, workload)
+    params = dataclasses.replace(params, impl=impl)
     # smoothing moves the logits well beyond FA_ATOL (the least: adaptive M = 256 on image-last,
     # 0.68 with λ = k/256 ≤ 0.1 over 24 steps: 30x the measured FA error)
     assert max_diff(want.logits, reference(None, workload).logits) > 5 * FA_ATOL

@@ -78,6 +78,10 @@ static bool llama_kvsmooth_check_params(const llama_kvsmooth_params & p, int32_t
         return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid mode = %d: allowed values are %d (adaptive), %d (fixed), %d (keys)", (int) p.mode,
                 LLAMA_KVSMOOTH_MODE_ADAPTIVE, LLAMA_KVSMOOTH_MODE_FIXED, LLAMA_KVSMOOTH_MODE_KEYS);
     }
+    if (p.impl != LLAMA_KVSMOOTH_IMPL_AUTO && p.impl != LLAMA_KVSMOOTH_IMPL_FUSED && p.impl != LLAMA_KVSMOOTH_IMPL_COMPOSED) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid impl = %d: allowed values are %d (auto), %d (fused), %d (composed)", (int) p.impl,
+                LLAMA_KVSMOOTH_IMPL_AUTO, LLAMA_KVSMOOTH_IMPL_FUSED, LLAMA_KVSMOOTH_IMPL_COMPOSED);
+    }
 
     return true;
 }
@@ -128,7 +132,7 @@ static std::vector<const llama_kv_cache_context *> llama_kvsmooth_contexts_of(co
 // llama_kvsmooth
 //
 
-llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot) :
+llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed) :
     params(params),
     id([] {
         // never 0, which stands for "disabled" in llm_graph_params
@@ -136,6 +140,7 @@ llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector
         return ++counter;
     }()),
     n_slot(n_slot),
+    composed(composed),
     caches(std::move(caches)),
     src_of(n_slot),
     used(n_slot, 0),
@@ -186,9 +191,10 @@ std::vector<llama_kvsmooth::group> llama_kvsmooth::groups_of(const llama_ubatch 
         }
         const int32_t g = group_index(res, seq_params[s]);
         if (g < 0) {
-            res.push_back({ seq_params[s], n_per_seq[s] });
+            res.push_back({ seq_params[s], n_per_seq[s], { n_per_seq[s] } });
         } else {
             res[g].n_tokens += n_per_seq[s];
+            res[g].seq_counts.push_back(n_per_seq[s]);
         }
     }
 
@@ -309,8 +315,11 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
     const uint32_t n_slot = cparams.n_seq_max;
 
     //
-    // devices: the op runs where each layer's cache is, so that device must support it
+    // devices: the computation runs where each layer's cache is, so that device must support the op
+    // (fused) or the stock ops of the composed path
     //
+
+    bool need_composed = false;
 
     for (int32_t il : smoothed) {
         llama_kv_cache * kv = caches[layer_cache[il]];
@@ -324,7 +333,7 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         sinfo.idxs = { { 0 } };
 
         ggml_init_params ip = {
-            /*.mem_size   =*/ 16*ggml_tensor_overhead(),
+            /*.mem_size   =*/ 1024*ggml_tensor_overhead() + ggml_graph_overhead(),
             /*.mem_buffer =*/ nullptr,
             /*.no_alloc   =*/ true,
         };
@@ -350,6 +359,16 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         const auto mode = (ggml_kvsmooth_mode) p.mode;
 
         ggml_tensor * op;
+        kvsmooth_composed_args ca;
+        ca.k = k;
+        ca.v = v;
+        ca.state = state;
+        ca.scale = 1.0f;
+        ca.max_bias = hparams.f_max_alibi_bias;
+        ca.logit_softcap = hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f;
+        ca.queue = p.queue;
+        ca.mode = mode;
+        ca.v_trans = v_trans;
         if (cparams.flash_attn) {
             ggml_tensor * q    = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, d_k, n_head, 1);
             ggml_tensor * mask = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n_kv, 1, 1, 1);
@@ -357,10 +376,13 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
             op = ggml_kvsmooth_ext(ctx.get(), q, k, v, mask, ids, state, after, 1.0f, hparams.f_max_alibi_bias,
                     hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
                     p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
+            ca.q = q;
+            ca.mask = mask;
         } else {
             ggml_tensor * kq = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, n_kv, 1, n_head, 1);
 
             op = ggml_kvsmooth(ctx.get(), kq, k, v, ids, state, after, p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
+            ca.kq = kq;
         }
 
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv->get_k_storage(il)->buffer);
@@ -370,20 +392,52 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
             dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
         }
 
-        if (dev == nullptr || !ggml_backend_dev_supports_op(dev, op)) {
-            return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "the KV cache of layer %d is on device %s (%s), which does not support KVSmooth "
-                    "(K %s, V %s%s, flash attention %s)", il,
-                    dev ? ggml_backend_dev_name(dev) : "?", ggml_backend_buft_name(buft),
-                    ggml_type_name(k->type), ggml_type_name(v->type), v_trans ? " transposed" : "",
-                    cparams.flash_attn ? "on" : "off");
+        const bool fused_ok = dev != nullptr && ggml_backend_dev_supports_op(dev, op);
+
+        // the composed path's first op that the device lacks, nullptr if none
+        const ggml_tensor * composed_missing = nullptr;
+        if (!fused_ok || p.impl == LLAMA_KVSMOOTH_IMPL_COMPOSED) {
+            ggml_cgraph * gf = ggml_new_graph(ctx.get());
+            kvsmooth_composed graph;
+            ggml_tensor * res_c = graph.build(ctx.get(), gf, ca, { { 0 } });
+            ggml_build_forward_expand(gf, res_c);
+            for (int i = 0; i < ggml_graph_n_nodes(gf) && composed_missing == nullptr; ++i) {
+                ggml_tensor * node = ggml_graph_node(gf, i);
+                if (dev == nullptr || !ggml_backend_dev_supports_op(dev, node)) {
+                    composed_missing = node;
+                }
+            }
         }
+
+        const std::string where = format("the KV cache of layer %d is on device %s (%s) (K %s, V %s%s, flash attention %s)", il,
+                dev ? ggml_backend_dev_name(dev) : "?", ggml_backend_buft_name(buft),
+                ggml_type_name(k->type), ggml_type_name(v->type), v_trans ? " transposed" : "",
+                cparams.flash_attn ? "on" : "off");
+        const std::string missing = composed_missing
+            ? format("%s (%s)", ggml_op_desc(composed_missing), ggml_type_name(composed_missing->type)) : "";
+
+        if (p.impl == LLAMA_KVSMOOTH_IMPL_FUSED && !fused_ok) {
+            return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "%s, which has no KVSmooth op; impl = composed (--kvsmooth-impl composed) "
+                    "builds it from stock ops%s", where.c_str(), composed_missing ? (", but this device lacks " + missing).c_str() : "");
+        }
+        if (p.impl == LLAMA_KVSMOOTH_IMPL_COMPOSED && composed_missing) {
+            return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "%s, which does not support %s, used by the composed path", where.c_str(), missing.c_str());
+        }
+        if (!fused_ok && composed_missing) {
+            return fail(LLAMA_KVSMOOTH_ERR_UNSUPPORTED, "%s, which supports neither the KVSmooth op nor %s, used by the composed path",
+                    where.c_str(), missing.c_str());
+        }
+        need_composed |= !fused_ok;
     }
+
+    const bool composed = p.impl == LLAMA_KVSMOOTH_IMPL_COMPOSED || need_composed;
+    p.impl = composed ? LLAMA_KVSMOOTH_IMPL_COMPOSED : LLAMA_KVSMOOTH_IMPL_FUSED;
 
     //
     // state: one tensor per smoothed layer, in a buffer of the layer's K cache buffer type
     //
 
-    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, caches, n_slot));
+    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, caches, n_slot, composed));
 
     res->states.assign(n_layer, nullptr);
 
@@ -429,8 +483,8 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         layers += (layers.empty() ? "" : ",") + std::to_string(il);
     }
 
-    LLAMA_LOG_INFO("%s: mode = %s, lambda_ref = %.3f, window = %.3f, queue = %d, layers = [%d, %d) (smoothed: %s), eps = %g, trace = %d, "
-            "%u sequences, %zu KV cache(s), state = %.1f KiB\n", __func__,
+    LLAMA_LOG_INFO("%s: impl = %s, mode = %s, lambda_ref = %.3f, window = %.3f, queue = %d, layers = [%d, %d) (smoothed: %s), eps = %g, trace = %d, "
+            "%u sequences, %zu KV cache(s), state = %.1f KiB\n", __func__, composed ? "composed" : "fused",
             llama_kvsmooth_mode_name(p.mode), p.lambda_ref, p.window, p.queue, p.layer_start, p.layer_end, layers.c_str(), p.eps, (int) p.trace,
             n_slot, caches.size(), total/1024.0);
 
@@ -477,6 +531,36 @@ void llama_kvsmooth::reset(llama_seq_id seq_id) {
         src_of[seq_id] = -1;
         pending = true;
     }
+}
+
+std::string llama_kvsmooth::check_batch(const llama_batch & batch) const {
+    if (!composed || paused) {
+        return "";
+    }
+    std::vector<int32_t> n_out(n_slot, 0);
+    for (int32_t i = 0; i < batch.n_tokens; ++i) {
+        if (!batch.logits[i]) {
+            continue;
+        }
+        const llama_seq_id seq = batch.seq_id[i][0];
+        if (seq >= 0 && (uint32_t) seq < n_slot && seq_params[seq].enabled && ++n_out[seq] > kvsmooth_composed::MAX_ROUNDS) {
+            return format("KVSmooth impl composed smooths at most %d output tokens of one sequence per decode, "
+                    "seq_id %d has more: decode them in smaller batches, or use impl fused where the device has the op",
+                    kvsmooth_composed::MAX_ROUNDS, seq);
+        }
+    }
+    return "";
+}
+
+size_t llama_kvsmooth::graph_nodes(uint32_t n_tokens) const {
+    if (!composed) {
+        return 0;
+    }
+    const size_t n_layers = (size_t) std::count_if(states.begin(), states.end(), [](const ggml_tensor * t) { return t != nullptr; });
+    // every output column is in one round of one group; groups are at most one per sequence
+    const size_t n_rounds = std::min<size_t>(n_tokens, (size_t) n_slot*kvsmooth_composed::MAX_ROUNDS);
+    const size_t n_groups = std::min<size_t>(n_tokens, n_slot);
+    return n_layers*(n_rounds*kvsmooth_composed::NODES_PER_ROUND + n_groups*kvsmooth_composed::NODES_PER_BUILD);
 }
 
 void llama_kvsmooth::mark_used(llama_seq_id seq_id) {
@@ -603,7 +687,7 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
     col_seq.assign(groups.size(), {});
     col_pos.assign(groups.size(), {});
 
-    const bool any_ids = std::any_of(parts.begin(), parts.end(), [](const cache_ids & part) {
+    const bool any_ids = !composed.empty() || std::any_of(parts.begin(), parts.end(), [](const cache_ids & part) {
         return part.ids->buffer != nullptr;
     });
 
@@ -638,12 +722,13 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
 
     ks->apply_pending(sched);
 
-    for (const cache_ids & part : parts) {
-        if (part.ids->buffer == nullptr) {
+    for (size_t ip = 0; ip < parts.size(); ++ip) {
+        const cache_ids & part = parts[ip];
+
+        const bool in_graph = part.ids->buffer != nullptr;
+        if (!in_graph && composed.empty()) {
             continue;
         }
-
-        GGML_ASSERT(ggml_backend_buffer_is_host(part.ids->buffer));
 
         const std::vector<uint32_t> & outs = outputs[part.group];
 
@@ -660,7 +745,7 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
         // tokens per stream: token i is the (i % n_tps)-th token of stream i / n_tps, as in the KQ mask
         const uint32_t n_tps = n_tokens/n_stream;
 
-        int32_t * data = (int32_t *) part.ids->data;
+        std::vector<int32_t> data(5*outs.size());
 
         for (size_t j = 0; j < outs.size(); ++j) {
             const uint32_t i = outs[j];
@@ -691,6 +776,15 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
             data[5*j + 2] = (int32_t) sinfo.idxs[strm][ii];
             data[5*j + 3] = prev;
             data[5*j + 4] = ks->paused ? (int32_t) ks->n_slot : seq;
+        }
+
+        if (in_graph) {
+            ggml_backend_tensor_set(part.ids, data.data(), 0, ggml_nbytes(part.ids));
+        }
+        for (const composed_node & node : composed) {
+            if (node.part == ip) {
+                node.graph->fill(data.data());
+            }
         }
     }
 
@@ -724,6 +818,13 @@ bool llm_graph_input_kvsmooth::can_reuse(const llm_graph_params & params) {
         if (!llama_kvsmooth_same_setting(groups[g].setting, groups_new[g].setting) || groups[g].n_tokens != groups_new[g].n_tokens) {
             return false;
         }
+        // the composed path's rounds follow which columns share a sequence
+        if (ks->composed && groups[g].seq_counts != groups_new[g].seq_counts) {
+            return false;
+        }
+    }
+    if (ks->composed && paused != ks->paused) {
+        return false;
     }
 
     const std::vector<const llama_kv_cache_context *> mctxs = llama_kvsmooth_contexts_of(params.mctx);
@@ -741,6 +842,15 @@ bool llm_graph_input_kvsmooth::can_reuse(const llm_graph_params & params) {
     }
 
     return true;
+}
+
+size_t llm_graph_input_kvsmooth::part_of(const ggml_tensor * ids) const {
+    for (size_t ip = 0; ip < parts.size(); ++ip) {
+        if (parts[ip].ids == ids) {
+            return ip;
+        }
+    }
+    GGML_ABORT("kvsmooth: ids tensor of no part");
 }
 
 ggml_tensor * llm_graph_input_kvsmooth::get_ids(ggml_context * ctx0, const llama_kv_cache_context * mctx_cur, size_t g) {
@@ -859,7 +969,43 @@ void llm_graph_context::build_kvsmooth(
 
         ggml_tensor * cur;
 
-        if (kq) {
+        if (kvsmooth->composed && inp_kvsmooth->paused) {
+            // nothing is blended and the scratch slot's queue is never read: no nodes
+            continue;
+        }
+        if (kvsmooth->composed) {
+            // stock ops (SPEC §4.2); the attention that reads the raw rows is in the graph first
+            ggml_build_forward_expand(gf, kqv_out);
+
+            kvsmooth_composed_args a;
+            a.kq            = kq;
+            a.q             = kq ? nullptr : q;
+            a.mask          = kq ? nullptr : kq_mask;
+            a.sinks         = kq ? nullptr : sinks;
+            a.k             = k;
+            a.v             = v;
+            a.state         = state;
+            a.scale         = kq_scale;
+            a.max_bias      = hparams.f_max_alibi_bias;
+            a.logit_softcap = hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f;
+            a.lambda_ref    = setting.lambda_ref;
+            a.window        = setting.window;
+            a.eps           = p.eps;
+            a.queue         = p.queue;
+            a.mode          = mode;
+            a.v_trans       = v_trans;
+
+            // the columns of one sequence are consecutive (set_input orders them by sequence)
+            std::vector<int32_t> col_seq;
+            for (size_t is = 0; is < inp_kvsmooth->groups[g].seq_counts.size(); ++is) {
+                col_seq.insert(col_seq.end(), inp_kvsmooth->groups[g].seq_counts[is], (int32_t) is);
+            }
+
+            auto graph = std::make_unique<kvsmooth_composed>();
+            cur = graph->build(ctx0, gf, a, kvsmooth_composed::rounds_of(col_seq));
+
+            inp_kvsmooth->composed.push_back({ inp_kvsmooth->part_of(ids), std::move(graph) });
+        } else if (kq) {
             cur = ggml_kvsmooth(ctx0, kq, k, v, ids, state, kqv_out,
                     setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
         } else {
@@ -877,8 +1023,9 @@ void llm_graph_context::build_kvsmooth(
         }
 
         // the op writes the cache rows and the state in place, so it must run on a backend that uses
-        // their buffer directly: a copy on another backend would be updated and thrown away
-        {
+        // their buffer directly: a copy on another backend would be updated and thrown away (the
+        // composed path's set_rows write into views of those buffers, which the scheduler keeps there)
+        if (!kvsmooth->composed) {
             ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(state->buffer);
 
             ggml_backend_t backend = nullptr;
@@ -916,6 +1063,7 @@ struct llama_kvsmooth_params llama_kvsmooth_default_params(void) {
         /*.eps         =*/ 1e-10f,
         /*.mode        =*/ LLAMA_KVSMOOTH_MODE_ADAPTIVE,
         /*.trace       =*/ false,
+        /*.impl        =*/ LLAMA_KVSMOOTH_IMPL_AUTO,
     };
 
     return result;

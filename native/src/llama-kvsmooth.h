@@ -7,6 +7,7 @@
 #include "llama.h"
 #include "llama-graph.h"
 #include "llama-kv-cache.h"
+#include "llama-kvsmooth-composed.h"
 
 #include "ggml-cpp.h"
 
@@ -80,6 +81,13 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     // the slot of seq_id received a smoothed token: its queues may now hold values
     void mark_used(llama_seq_id seq_id);
 
+    // "" if the composed path can smooth this batch, else why not (at most
+    // kvsmooth_composed::MAX_ROUNDS output tokens of one sequence per decode); after decode_begin
+    std::string check_batch(const llama_batch & batch) const;
+
+    // graph nodes the composed path adds to a graph of n_tokens tokens, at most (0 when fused)
+    size_t graph_nodes(uint32_t n_tokens) const;
+
     // the setting of seq_id's tokens (llama_kvsmooth_set_seq; the context's by default)
     const llama_kvsmooth_seq_params & seq_setting(llama_seq_id seq_id) const { return seq_params[seq_id]; }
     void set_seq_setting(llama_seq_id seq_id, const llama_kvsmooth_seq_params & setting);
@@ -90,6 +98,7 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     struct group {
         llama_kvsmooth_seq_params setting;
         int64_t                   n_tokens;
+        std::vector<int64_t>      seq_counts; // tokens of each of its sequences, in order
     };
     std::vector<group> groups_of(const llama_ubatch & ubatch) const;
 
@@ -99,6 +108,7 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     const llama_kvsmooth_params params;  // layer range resolved
     const uint64_t              id;      // unique per configuration, part of the graph reuse key
     const uint32_t              n_slot;  // sequence slots (n_seq_max); state column n_slot is the scratch slot
+    const bool                  composed; // the computation is built from stock ops (params.impl resolved)
 
     // the caches whose cells are smoothed
     const std::vector<llama_kv_cache *> caches;
@@ -112,7 +122,7 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     std::vector<llama_kvsmooth_trace_record> trace;
 
 private:
-    llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot);
+    llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed);
 
     std::vector<ggml_tensor *> states; // [n_layer], nullptr for layers that are not smoothed
 
@@ -151,7 +161,7 @@ public:
     llm_graph_input_kvsmooth(
             llama_kvsmooth * ks,
             ggml_backend_sched_t sched,
-            std::vector<llama_kvsmooth::group> groups) : ks(ks), sched(sched), groups(std::move(groups)) {}
+            std::vector<llama_kvsmooth::group> groups) : ks(ks), sched(sched), groups(std::move(groups)), paused(ks->paused) {}
 
     ~llm_graph_input_kvsmooth() = default;
 
@@ -181,6 +191,17 @@ public:
 
     std::vector<cache_ids> parts;
 
+    // the index of the part whose ids tensor this is
+    size_t part_of(const ggml_tensor * ids) const;
+
+    // composed path (llama_kvsmooth::composed): one node per (layer, group), filled from its part's ids
+    struct composed_node {
+        size_t                              part;
+        std::unique_ptr<kvsmooth_composed> graph;
+    };
+
+    std::vector<composed_node> composed;
+
     std::vector<result> results;
 
     llama_kvsmooth * ks;
@@ -188,6 +209,9 @@ public:
     ggml_backend_sched_t sched;
 
     const std::vector<llama_kvsmooth::group> groups;
+
+    // built for a paused decode: the composed path then has no nodes (a paused decode blends nothing)
+    const bool paused;
 
     // sequence and position of each column of each group's ids, as of the last set_input; empty when paused
     std::vector<std::vector<llama_seq_id>> col_seq;

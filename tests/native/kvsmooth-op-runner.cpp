@@ -1,5 +1,6 @@
 // Runs one GGML_OP_KVSMOOTH node on a named ggml backend, for the Python op tests
-// (tests/op_runner.py loads this library with ctypes).
+// (tests/op_runner.py loads this library with ctypes), or the same computation built from
+// stock ggml ops (kvsmooth_op_run_composed: llama-kvsmooth-composed.h, compiled in).
 //
 // The K/V tensors are whole layer caches ([n_embd_gqa, kv_size, n_stream], kv_size = n_kv) and
 // the op gets views of them made exactly like llama_kv_cache::get_k / get_v, so the strides the
@@ -12,6 +13,8 @@
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
+
+#include "llama-kvsmooth-composed.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -47,6 +50,11 @@ enum {
 //         elements [n_stream, n_head_kv*d_v, n_kv]                                     in/out
 //   ids   i32 [n_smooth, 5];  state f32 [n_slot, 1+queue_cap] in/out;  result f32 [n_smooth, 4] out
 int kvsmooth_op_run(const char * backend, const struct kvsmooth_op_case * c,
+                    const float * kq_or_q, const float * mask, const float * sinks,
+                    void * k, void * v, const int32_t * ids, float * state, float * result);
+
+// the same, with the composed path instead of the op (same arguments, same effects)
+int kvsmooth_op_run_composed(const char * backend, const struct kvsmooth_op_case * c,
                     const float * kq_or_q, const float * mask, const float * sinks,
                     void * k, void * v, const int32_t * ids, float * state, float * result);
 
@@ -142,9 +150,9 @@ void set_threads(ggml_backend_dev_t dev, ggml_backend_t backend) {
 
 } // namespace
 
-int kvsmooth_op_run(const char * backend_name, const struct kvsmooth_op_case * c,
-                    const float * kq_or_q, const float * mask, const float * sinks,
-                    void * k, void * v, const int32_t * ids, float * state, float * result) {
+static int run(bool composed, const char * backend_name, const struct kvsmooth_op_case * c,
+        const float * kq_or_q, const float * mask, const float * sinks,
+        void * k, void * v, const int32_t * ids, float * state, float * result) {
     if (!case_ok(c, kq_or_q, mask, sinks, k, v, ids, state, result)) {
         return KVSMOOTH_OP_BAD_ARGUMENTS;
     }
@@ -193,7 +201,7 @@ int kvsmooth_op_run(const char * backend_name, const struct kvsmooth_op_case * c
     }
 
     // the graph: views as llama_kv_cache::get_k / get_v make them (sinfo.s0 = 0, all streams)
-    ggml_init_params gp = { 16*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, /*no_alloc =*/ true };
+    ggml_init_params gp = { 1024*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, /*no_alloc =*/ true };
     context_ptr ctx_graph(ggml_init(gp));
     ggml_context * ctx = ctx_graph.get();
 
@@ -222,20 +230,55 @@ int kvsmooth_op_run(const char * backend_name, const struct kvsmooth_op_case * c
     ggml_tensor * after = ggml_scale(ctx, t_dummy, 1.0f);
 
     const ggml_kvsmooth_mode mode = (ggml_kvsmooth_mode) c->mode;
-    ggml_tensor * out = c->from_scores
-        ? ggml_kvsmooth_ext(ctx, t_in, k_view, v_view, t_mask, t_ids, t_state, after,
-                c->scale, c->max_bias, c->logit_softcap,
-                c->lambda_ref, c->window, c->queue, c->eps, mode, c->v_trans != 0)
-        : ggml_kvsmooth(ctx, t_in, k_view, v_view, t_ids, t_state, after,
-                c->lambda_ref, c->window, c->queue, c->eps, mode, c->v_trans != 0);
-    ggml_kvsmooth_add_sinks(out, t_sinks);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_tensor * out = nullptr;
+    kvsmooth_composed comp;
+
+    if (composed) {
+        if (n_smooth == 0) {
+            return KVSMOOTH_OP_OK;  // nothing to build: no column, no effect
+        }
+        kvsmooth_composed_args a;
+        (c->from_scores ? a.q : a.kq) = t_in;
+        a.mask  = t_mask;
+        a.sinks = t_sinks;
+        a.k = k_view;
+        a.v = v_view;
+        a.state = t_state;
+        a.scale = c->scale;
+        a.max_bias = c->max_bias;
+        a.logit_softcap = c->logit_softcap;
+        a.lambda_ref = c->lambda_ref;
+        a.window = c->window;
+        a.eps = c->eps;
+        a.queue = c->queue;
+        a.mode = mode;
+        a.v_trans = c->v_trans != 0;
+        std::vector<int32_t> slots(n_smooth);
+        for (int64_t j = 0; j < n_smooth; ++j) {
+            slots[j] = ids[5*j + 4];
+        }
+        out = comp.build(ctx, gf, a, kvsmooth_composed::rounds_of(slots));
+        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+            if (!ggml_backend_supports_op(backend.get(), ggml_graph_node(gf, i))) {
+                return KVSMOOTH_OP_NOT_SUPPORTED;
+            }
+        }
+    } else {
+        out = c->from_scores
+            ? ggml_kvsmooth_ext(ctx, t_in, k_view, v_view, t_mask, t_ids, t_state, after,
+                    c->scale, c->max_bias, c->logit_softcap,
+                    c->lambda_ref, c->window, c->queue, c->eps, mode, c->v_trans != 0)
+            : ggml_kvsmooth(ctx, t_in, k_view, v_view, t_ids, t_state, after,
+                    c->lambda_ref, c->window, c->queue, c->eps, mode, c->v_trans != 0);
+        ggml_kvsmooth_add_sinks(out, t_sinks);
+    }
     ggml_set_output(out);
 
     if (!ggml_backend_supports_op(backend.get(), out)) {
         return KVSMOOTH_OP_NOT_SUPPORTED;
     }
 
-    ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, out);
 
     gallocr_ptr galloc(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend.get())));
@@ -264,6 +307,9 @@ int kvsmooth_op_run(const char * backend_name, const struct kvsmooth_op_case * c
     ggml_backend_tensor_set(t_state, state, 0, ggml_nbytes(t_state));
     const float one = 1.0f;
     ggml_backend_tensor_set(t_dummy, &one, 0, sizeof(one));
+    if (composed) {
+        comp.fill(ids);
+    }
 
     if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
         return KVSMOOTH_OP_NOT_SUPPORTED;
@@ -277,4 +323,16 @@ int kvsmooth_op_run(const char * backend_name, const struct kvsmooth_op_case * c
     }
 
     return KVSMOOTH_OP_OK;
+}
+
+extern "C" int kvsmooth_op_run(const char * backend, const struct kvsmooth_op_case * c,
+        const float * kq_or_q, const float * mask, const float * sinks,
+        void * k, void * v, const int32_t * ids, float * state, float * result) {
+    return run(false, backend, c, kq_or_q, mask, sinks, k, v, ids, state, result);
+}
+
+extern "C" int kvsmooth_op_run_composed(const char * backend, const struct kvsmooth_op_case * c,
+        const float * kq_or_q, const float * mask, const float * sinks,
+        void * k, void * v, const int32_t * ids, float * state, float * result) {
+    return run(true, backend, c, kq_or_q, mask, sinks, k, v, ids, state, result);
 }
