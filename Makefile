@@ -1,5 +1,5 @@
 # pykvsmooth: `make install` builds and installs everything into the active Python
-# environment; `make test` runs the tests.  GPU=cuda or GPU=metal selects a GPU backend.
+# environment; `make test` runs the tests.  GPU=cuda, GPU=metal or GPU=vulkan selects a GPU backend.
 
 PYTHON ?= python3
 PIP    := $(PYTHON) -m pip
@@ -9,10 +9,12 @@ ifeq ($(GPU),cuda)
   BACKEND_SETTINGS := --config-settings=cmake.define.GGML_CUDA=ON
 else ifeq ($(GPU),metal)
   BACKEND_SETTINGS := --config-settings=cmake.define.GGML_METAL=ON
+else ifeq ($(GPU),vulkan)
+  BACKEND_SETTINGS := --config-settings=cmake.define.GGML_VULKAN=ON
 else ifeq ($(GPU),)
   BACKEND_SETTINGS :=
 else
-  $(error GPU must be empty, cuda or metal, not '$(GPU)')
+  $(error GPU must be empty, cuda, metal or vulkan, not '$(GPU)')
 endif
 
 .PHONY: install test lint cuda-check check-patches bench clean

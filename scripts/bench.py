@@ -50,6 +50,8 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 REPO = SCRIPT_DIR.parent
 
 MODES = ("off", "adaptive", "fixed")
+# also measurable (--modes): adaptive KVSmooth computed from stock ggml ops (impl composed)
+EXTRA_MODES = ("composed",)
 GENERATOR_VERSION = 1  # bump when the model files change
 
 # ggml types (ggml.h) and their storage: (elements per block, bytes per block)
@@ -391,7 +393,10 @@ class Worker:
             raise RuntimeError("this libllama has no KVSmooth")
         p = self.capi.llama_kvsmooth_default_params()
         capi = self.capi
-        p.mode = {"adaptive": capi.LLAMA_KVSMOOTH_MODE_ADAPTIVE, "fixed": capi.LLAMA_KVSMOOTH_MODE_FIXED}[mode]
+        p.mode = {"adaptive": capi.LLAMA_KVSMOOTH_MODE_ADAPTIVE, "fixed": capi.LLAMA_KVSMOOTH_MODE_FIXED,
+                  "composed": capi.LLAMA_KVSMOOTH_MODE_ADAPTIVE}[mode]
+        if mode == "composed":
+            p.impl = capi.LLAMA_KVSMOOTH_IMPL_COMPOSED
         rc = self.capi.llama_kvsmooth_set(ctx, ctypes.byref(p))
         if rc != 0:
             raise RuntimeError(f"llama_kvsmooth_set({mode}) failed: {rc}")
@@ -626,7 +631,7 @@ def plans(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     all_cfgs = [{"fa": fa, "cache": c} for fa in (False, True) for c in ("f16", "q8_0")]
     common = {"threads": args.threads, "gpu": args.gpu, "verbose": args.verbose, "pp_reps": args.pp_reps}
     if args.quick:
-        spec = {**common, "pp_reps": 2, "shape": "quick", "configs": all_cfgs, "modes": list(MODES),
+        spec = {**common, "pp_reps": 2, "shape": "quick", "configs": all_cfgs, "modes": list(MODES + EXTRA_MODES),
                 "contexts": [16, 40], "prompt": 24, "reps": 2, "decode_tokens": 2,
                 "profile": [{"fa": False, "cache": "f16", "context": 40, "steps": 2},
                             {"fa": True, "cache": "f16", "context": 40, "steps": 2}]}
@@ -635,7 +640,7 @@ def plans(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     for name in args.shapes:
         full = name != "7b" or args.gpu or args.full_7b
         if full:
-            spec = {**common, "shape": name, "configs": all_cfgs, "modes": list(MODES),
+            spec = {**common, "shape": name, "configs": all_cfgs, "modes": list(args.modes),
                     "contexts": args.contexts, "prompt": args.prompt, "reps": args.reps,
                     "decode_tokens": args.decode_tokens,
                     "profile": [{"fa": fa, "cache": "f16", "context": 1000, "steps": 4} for fa in (False, True)]}
@@ -1003,6 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens-7b", type=int, default=4)
     ap.add_argument("--prompt-7b", type=int, default=0, help="7B headline prompt length (0: no prompt figure)")
     ap.add_argument("--full-7b", action="store_true", help="the full matrix on the 7B shape too (default with --gpu)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"modes of the full matrix, off first (default {','.join(MODES)}; "
+                         f"also: {','.join(EXTRA_MODES)})")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--gpu", action="store_true", help="every layer on the GPU (a CUDA/Metal build)")
     ap.add_argument("--unpatched-lib", help="folder with an unpatched libllama: KVSmooth-off comparison")
@@ -1019,6 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if args.modes[:1] != ["off"] or any(m not in MODES + EXTRA_MODES for m in args.modes):
+        ap.error(f"--modes: off first, then any of {', '.join(MODES[1:] + EXTRA_MODES)}; got {args.modes}")
     args.load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     for s in args.shapes:
         if s not in SHAPES or s == "quick":

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
-MODES = ("off", "adaptive", "fixed")
+MODES = ("off", "adaptive", "fixed", "composed")  # the quick run measures every mode
 CONFIGS = {(False, "f16"), (False, "q8_0"), (True, "f16"), (True, "q8_0")}
 
 
@@ -65,7 +65,7 @@ def test_raw_figures_are_complete(quick_run: Path) -> None:
                 _positive(dec[m], 2)
             b = c["bytes"][N]
             assert 0 < b["op"] < b["step"]
-        assert set(c["memory"]) == {"adaptive", "fixed"}
+        assert set(c["memory"]) == {"adaptive", "fixed", "composed"}
         assert c["logits_sha_off"]
         # llama.cpp quantizes the V cache only with flash attention
         assert c["type_v"] == (c["cache"] if c["fa"] else "f16")
@@ -86,7 +86,8 @@ def test_report_has_every_row(quick_run: Path) -> None:
     md = (quick_run / "benchmarks.md").read_text()
     for heading in ("## Targets (SPEC §5)", "## quick test shape", "## KVSmooth off vs unpatched llama.cpp"):
         assert heading in md
-    assert "| flash attn | cache K/V | figure | off | adaptive | fixed | adaptive/off | fixed/off |" in md
+    assert ("| flash attn | cache K/V | figure | off | adaptive | fixed | composed | adaptive/off | fixed/off "
+            "| composed/off |") in md
     for fa, kv in (("off", "f16/f16"), ("off", "q8_0/f16"), ("on", "f16/f16"), ("on", "q8_0/q8_0")):
         assert f"| {fa} | {kv} | prompt 24 tok, tok/s |" in md
         for N in (16, 40):

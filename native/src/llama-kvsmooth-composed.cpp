@@ -123,9 +123,10 @@ ggml_tensor * kvsmooth_composed::build(ggml_context * ctx, ggml_cgraph * gf, con
         }
 
         // the dot products in f32, as the kernel computes them (mul_mat would round Q to an f16
-        // or q8_0 K's vec_dot type)
-        ggml_tensor * kf = k->type == GGML_TYPE_F32 ? k : ggml_cast(ctx, k, GGML_TYPE_F32);
-        ggml_tensor * s = ggml_mul_mat(ctx, ggml_permute(ctx, kf, 0, 2, 1, 3), qs);  // [n_kv, n, n_head, n_stream]
+        // or q8_0 K's vec_dot type), of contiguous operands (the matrix product every backend
+        // implements in its plainest form)
+        ggml_tensor * kf = ggml_cont(ctx, ggml_permute(ctx, k->type == GGML_TYPE_F32 ? k : ggml_cast(ctx, k, GGML_TYPE_F32), 0, 2, 1, 3));
+        ggml_tensor * s = ggml_mul_mat(ctx, kf, qs);  // [n_kv, n, n_head, n_stream]
         ggml_prec_set_acc(s, GGML_PREC_F32);
 
         float scale = a.scale;
