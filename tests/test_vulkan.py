@@ -125,3 +125,15 @@ def test_model_on_vulkan_matches_the_reference(vulkan: None, arithmetic: str, se
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def test_backend_ops_reports_the_op_unsupported_on_vulkan(vulkan: None) -> None:
+    """llama.cpp's own checker (patch 0013's KVSmooth case) on Vulkan0: no kernel there, so
+    every case says "not supported" and the run passes; with a kernel, it would compare."""
+    from test_llama_server import program
+
+    r = subprocess.run([program("test-backend-ops"), "-o", "KVSMOOTH", "-b", "Vulkan0"], cwd=HERE, env=vulkan_env(),
+                       capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cases = [ln for ln in r.stdout.splitlines() if "KVSMOOTH(" in ln]
+    assert len(cases) >= 10 and all("not supported" in ln for ln in cases), r.stdout[-3000:]

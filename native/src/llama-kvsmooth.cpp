@@ -184,6 +184,14 @@ std::vector<llama_kvsmooth::group> llama_kvsmooth::groups_of(const llama_ubatch 
         }
     }
 
+    // the composed path gets at most MAX_ROUNDS tokens of a sequence (check_batch refuses more); a
+    // worst-case reserve graph asking for more is built that size, so that its buffers are
+    if (composed) {
+        for (int64_t & n : n_per_seq) {
+            n = std::min<int64_t>(n, kvsmooth_composed::MAX_ROUNDS);
+        }
+    }
+
     std::vector<group> res;
     for (uint32_t s = 0; s < n_slot; ++s) {
         if (n_per_seq[s] == 0 || !seq_params[s].enabled) {
