@@ -32,3 +32,8 @@ def llama_llava_cli() -> NoReturn:
 
 def llama_server() -> NoReturn:
     _exec("llama-server")
+
+
+def test_backend_ops() -> NoReturn:
+    """llama.cpp's op checker, with KVSmooth's case (``test-backend-ops -o KVSMOOTH -b DEVICE``)."""
+    _exec("test-backend-ops")

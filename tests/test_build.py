@@ -177,6 +177,13 @@ def test_cli_help(program: str) -> None:
     assert "--kvsmooth" in result.stdout + result.stderr
 
 
+def test_backend_ops_is_on_path() -> None:
+    path = shutil.which("test-backend-ops")
+    assert path, "test-backend-ops is not on PATH; run `make install`"
+    result = subprocess.run([path, "perf", "-o", "KVSMOOTH", "-b", "CPU"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "KVSMOOTH(from_scores=1" in result.stdout, result.stdout[-2000:]
+
+
 def test_archive_with_wrong_checksum_is_refused(tmp_path: Path) -> None:
     lock = prepare_llama_cpp.read_lock()
     fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
