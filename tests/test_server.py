@@ -14,9 +14,10 @@ import functools
 import http.client
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,12 +51,6 @@ def test_server_dependencies_are_installed() -> None:
 # --- servers ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
@@ -72,25 +67,34 @@ class Server:
             self.proc.wait(timeout=30)
 
 
+LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
 def start_server(d: Path, *extra: str, host: Optional[str] = "127.0.0.1") -> Server:
-    port = free_port()
+    """The server on a port the system picks (--port 0: no race with another process for a
+    port chosen here), read from uvicorn's log, once it answers."""
     cmd = [sys.executable, "-m", "pykvsmooth.server", "--model", str(d / "tiny-llava-text.gguf"),
            "--clip_model_path", str(d / "tiny-llava-mmproj.gguf"), "--chat_format", "llava-1-5",
-           "--n_ctx", str(N_CTX), "--n_threads", "2", "--verbose", "False", "--port", str(port), *extra]
+           "--n_ctx", str(N_CTX), "--n_threads", "2", "--verbose", "False", "--port", "0", *extra]
     if host is not None:
         cmd += ["--host", host]
-    log = d / f"server-{port}.log"
+    log = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=d)[1])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name in ("HOST", "PORT", "API_KEY"):  # llama_cpp.server's settings read these
         env.pop(name, None)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=d, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    url = ""
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if not url:
+            found = LISTENING.search(log.read_text(errors="replace"))
+            url = f"http://127.0.0.1:{found.group(1)}" if found else ""
         try:
+            if not url:
+                raise OSError("not listening yet")
             with urllib.request.urlopen(url + "/v1/models", timeout=5):
                 return Server(proc, url, log)
         except urllib.error.HTTPError:  # an answer (401 with --api-key): it is up
