@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 import subprocess
 
-from test_llama_server import clean_env, program
+from server_process import program
+from test_llama_server import clean_env
 
 TIMEOUT_S = 300
 

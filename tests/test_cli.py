@@ -1,7 +1,7 @@
 """End-to-end tests of `llama-mtmd-cli` and `llama-llava-cli` with KVSmooth.
 
 The programs are taken from PYKVSMOOTH_BIN_DIR when it is set (a development build), else
-from PATH (`make install` puts them there as console scripts). A missing program fails the
+from the installed pykvsmooth/bin, else PATH (server_process.program). A missing program fails the
 tests: it is a broken install, not an optional feature. The model is the tiny random LLaVA
 pair of scripts/make_tiny_llava.py, generated once per session; generation is greedy, so
 every output is deterministic.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TinyLlava
+from server_process import program
 
 REPO = Path(__file__).resolve().parent.parent
 CLIS = ("llama-mtmd-cli", "llama-llava-cli")
@@ -41,19 +41,6 @@ class Fixture:
     corrupt_png: Path
     corrupt_gguf: Path
     dir: Path
-
-
-def cli_path(name: str) -> str:
-    bin_dir = os.environ.get("PYKVSMOOTH_BIN_DIR")
-    if bin_dir:
-        path = Path(bin_dir) / name
-        if not path.is_file():
-            pytest.fail(f"{name} not found in PYKVSMOOTH_BIN_DIR={bin_dir}")
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found on PATH: run `make install`, or set PYKVSMOOTH_BIN_DIR to a build's bin/")
-    return found
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +73,7 @@ def clean_env() -> dict[str, str]:
 
 
 def run(cli: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([cli_path(cli), *args], capture_output=True, text=True, errors="replace",
+    return subprocess.run([program(cli), *args], capture_output=True, text=True, errors="replace",
                           timeout=TIMEOUT_S, env=env if env is not None else clean_env())
 
 

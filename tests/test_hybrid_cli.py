@@ -1,6 +1,6 @@
 """`llama-mtmd-cli` captioning with the tiny LFM2-VL pair (hybrid text model + lfm2 projector).
 
-The programs are found as in test_cli.py (PYKVSMOOTH_BIN_DIR, else PATH). The pair is
+The programs are found as in test_cli.py (PYKVSMOOTH_BIN_DIR, else pykvsmooth/bin, else PATH). The pair is
 scripts/make_tiny_lfm2.py's; the prompt is rendered by the GGUF's own LFM2-VL chat template
 (ChatML turns) and mtmd frames the image as <|image_start|> (70 image embeddings for the
 64x48 picture) <|image_end|>. Generation is greedy with --ignore-eos, so every run decodes
@@ -24,7 +24,8 @@ import pytest
 
 import make_tiny_lfm2 as maker  # scripts/ is on sys.path: conftest.py
 import make_tiny_llava
-from test_cli import TIMEOUT_S, assert_fails, chunk_ranges, clean_env, cli_path
+from server_process import program
+from test_cli import TIMEOUT_S, assert_fails, chunk_ranges, clean_env
 
 CLI = "llama-mtmd-cli"
 PROMPT = "Describe the image."
@@ -51,7 +52,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
 def run(pair: Pair, *extra: str) -> subprocess.CompletedProcess[str]:
     args = ["-m", str(pair.text), "--mmproj", str(pair.mmproj), "--image", str(pair.png), "-p", PROMPT,
             "-n", str(N_PREDICT), "--ignore-eos", "--temp", "0", "--seed", "1", "-t", "1", "-c", "1024", *extra]
-    return subprocess.run([cli_path(CLI), *args], capture_output=True, text=True, errors="replace",
+    return subprocess.run([program(CLI), *args], capture_output=True, text=True, errors="replace",
                           timeout=TIMEOUT_S, env=clean_env())
 
 

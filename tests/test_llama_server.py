@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from conftest import TinyLlava
+from server_process import ServerProcess, program, start_listening
 
 START_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 120
@@ -48,43 +48,12 @@ SETTINGS: List[Any] = [
 ]
 
 
-def program(name: str) -> str:
-    bin_dir = os.environ.get("PYKVSMOOTH_BIN_DIR")
-    if bin_dir:
-        path = Path(bin_dir) / name
-        if not path.is_file():
-            pytest.fail(f"{name} not found in PYKVSMOOTH_BIN_DIR={bin_dir}")
-        return str(path)
-    from pykvsmooth._libs import PACKAGE_BIN_DIR
-
-    if (PACKAGE_BIN_DIR / name).is_file():
-        return str(PACKAGE_BIN_DIR / name)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found in {PACKAGE_BIN_DIR} nor on PATH: run `make install`")
-    return found
-
-
 def clean_env() -> Dict[str, str]:
     # a LLAMA_ARG_* variable in the caller's environment would change every server
     return {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+Server = ServerProcess
 
 
 def server_args(fx: TinyLlava, *extra: str, model_only: bool = False, ctx: int = 1024,
@@ -102,32 +71,17 @@ def start(fx: TinyLlava, tmp: Path, *extra: str, env: Optional[Dict[str, str]] =
 
 
 def launch(args: List[str], tmp: Path, env: Optional[Dict[str, str]] = None) -> Server:
-    """llama-server ARGS on 127.0.0.1 and a port the system picks (--port 0: no race with
-    another process for a port chosen here), once /health answers 200."""
+    """llama-server ARGS on 127.0.0.1 and a port the system picks, once /health answers 200."""
+    def healthy(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
     log = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log", dir=tmp)[1])
-    with log.open("w") as out:
-        proc = subprocess.Popen([program("llama-server"), *args, "--host", "127.0.0.1", "--port", "0"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env or clean_env())
-    s = Server(proc, 0, log)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"llama-server exited with {proc.returncode}:\n{s.log_text()[-3000:]}")
-        if not s.port:
-            found = LISTENING.search(s.log_text())
-            if found:
-                s.port = int(found.group(1))
-                s.url = f"http://127.0.0.1:{s.port}"
-        if s.port:
-            try:
-                with urllib.request.urlopen(s.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return s
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-        time.sleep(0.2)
-    s.stop()
-    pytest.fail(f"llama-server did not become healthy in {START_TIMEOUT_S} s:\n{s.log_text()[-3000:]}")
+    return start_listening([program("llama-server"), *args, "--host", "127.0.0.1", "--port", "0"], log,
+                           env or clean_env(), LISTENING, healthy, START_TIMEOUT_S)
 
 
 def started(fx: TinyLlava, tmp: Path, *extra: str, **kw: Any) -> Iterator[Server]:

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from conftest import TinyLlava
+from server_process import ServerProcess, start_listening
 from media_samples import CountingServer, bomb_png, jpeg_of, noise_png, serving, tiff_of
 
 import pykvsmooth  # noqa: F401  (before llama_cpp, which the tests import here and there)
@@ -51,20 +52,7 @@ def test_server_dependencies_are_installed() -> None:
 # --- servers ------------------------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+Server = ServerProcess
 
 
 LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
@@ -82,29 +70,17 @@ def start_server(d: Path, *extra: str, host: Optional[str] = "127.0.0.1") -> Ser
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name in ("HOST", "PORT", "API_KEY"):  # llama_cpp.server's settings read these
         env.pop(name, None)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=d, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = ""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        if not url:
-            found = LISTENING.search(log.read_text(errors="replace"))
-            url = f"http://127.0.0.1:{found.group(1)}" if found else ""
+
+    def answers(url: str) -> bool:
         try:
-            if not url:
-                raise OSError("not listening yet")
             with urllib.request.urlopen(url + "/v1/models", timeout=5):
-                return Server(proc, url, log)
+                return True
         except urllib.error.HTTPError:  # an answer (401 with --api-key): it is up
-            return Server(proc, url, log)
+            return True
         except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
+            return False
+
+    return start_listening(cmd, log, env, LISTENING, answers, START_TIMEOUT_S, cwd=d)
 
 
 @pytest.fixture(scope="module")

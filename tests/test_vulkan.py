@@ -130,7 +130,7 @@ def test_model_on_vulkan_matches_the_reference(vulkan: None, arithmetic: str, se
 def test_backend_ops_reports_the_op_unsupported_on_vulkan(vulkan: None) -> None:
     """llama.cpp's own checker (patch 0013's KVSmooth case) on Vulkan0: no kernel there, so
     every case says "not supported" and the run passes; with a kernel, it would compare."""
-    from test_llama_server import program
+    from server_process import program
 
     r = subprocess.run([program("test-backend-ops"), "-o", "KVSMOOTH", "-b", "Vulkan0"], cwd=HERE, env=vulkan_env(),
                        capture_output=True, text=True, timeout=TIMEOUT_S)
