@@ -28,7 +28,12 @@ RC_NAMES = {RC_OK: "ok", RC_BAD_ARGUMENTS: "bad arguments", RC_NO_BACKEND: "back
             RC_NOT_SUPPORTED: "op not supported on backend"}  # fmt: skip
 
 
+# every case: the op, and the same computation from stock ggml ops
 IMPLS = ("fused", "composed")
+# scores-path cases only (V not transposed, mask none or f16): flash attention's entropy side
+# output feeding the op, as llama.cpp runs it with flash attention on the CPU
+FLASH = "flash"
+ENTRIES = {"fused": "kvsmooth_op_run", "composed": "kvsmooth_op_run_composed", FLASH: "kvsmooth_op_run_flash"}
 
 
 class RunnerNotFound(RuntimeError):
@@ -73,7 +78,7 @@ def load_library() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         lib = ctypes.CDLL(str(find_library()))
-        for fn in (lib.kvsmooth_op_run, lib.kvsmooth_op_run_composed):
+        for fn in (getattr(lib, name) for name in ENTRIES.values()):
             fn.restype = ctypes.c_int
             fn.argtypes = ARGTYPES
         _lib = lib
@@ -120,9 +125,10 @@ def run_case(
     impl: str = "fused",
 ) -> RunOutput:
     """Run the op once (impl "fused": GGML_OP_KVSMOOTH; "composed": the same computation from
-    stock ggml ops); inputs are not modified, the outputs are fresh arrays."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    stock ggml ops; "flash": flash attention's entropies into the op); inputs are not modified,
+    the outputs are fresh arrays."""
+    if impl not in ENTRIES:
+        raise ValueError(f"impl must be one of {', '.join(ENTRIES)}, got {impl!r}")
     lib = load_library()
     c = KvsmoothOpCase(**{f.name: getattr(case, f.name) for f in fields(OpCase)})
     kq_or_q = np.ascontiguousarray(kq_or_q, dtype=np.float32)
@@ -134,7 +140,7 @@ def run_case(
     state_out = np.array(state, dtype=np.float32, copy=True, order="C")
     # NaN marks entries the op never wrote
     result = np.full((case.n_smooth, 4), np.nan, dtype=np.float32)
-    entry = lib.kvsmooth_op_run if impl == "fused" else lib.kvsmooth_op_run_composed
+    entry = getattr(lib, ENTRIES[impl])
     rc = entry(
         backend.encode(),
         ctypes.byref(c),

@@ -261,6 +261,8 @@ class Spec:
     softcap: float = 0.0
     max_bias: float = 0.0
     sinks: int = 0
+    rows: int = 1  # query rows per stream that are not smoothed (the ubatch's other tokens)
+    fa: int = 0  # q rounded to K's vec_dot type, as flash attention converts it (impl flash)
     seed: int = 0
 
     def vars(self) -> str:
@@ -275,6 +277,8 @@ class Spec:
         if self.path == "q":
             parts += [f"mask={['none', 'f32', 'f16'][self.mask]}", f"softcap={self.softcap}",
                       f"max_bias={self.max_bias}", f"sinks={self.sinks}"]  # fmt: skip
+        if self.rows != 1:
+            parts.append(f"rows={self.rows}")
         return ",".join(parts)
 
 
@@ -368,7 +372,7 @@ def make_inputs(spec: Spec, attempt: int = 0) -> Inputs:
     n_head = spec.n_head_kv * spec.gqa
     seq_stream = [s % spec.n_stream for s in range(spec.n_seq)]
     per_stream = [seq_stream.count(st) for st in range(spec.n_stream)]
-    n_tps = max(per_stream) * spec.n_tok + 1  # one row per stream that is not smoothed
+    n_tps = max(per_stream) * spec.n_tok + spec.rows
 
     # tokens: (row, stream, cell, prev, slot) in position order per sequence
     per_seq: list[list[tuple[int, int, int, int, int]]] = []
@@ -431,6 +435,10 @@ def make_inputs(spec: Spec, attempt: int = 0) -> Inputs:
     sinks = None
     if spec.path == "q":
         q = (rng.standard_normal((spec.n_stream * n_tps, n_head, spec.d)) * sharp).astype(np.float32)
+        if spec.fa:
+            # flash attention multiplies Q converted to K's vec_dot type (ggml-cpu's type traits:
+            # each of these cache types is its own); the oracle then sees the same Q
+            q = orc.decode_rows(orc.encode_rows(q, spec.type_k), spec.type_k, spec.d).reshape(q.shape)
         mask = mask_full if spec.mask else None
         if spec.sinks:
             sinks = rng.standard_normal(n_head).astype(np.float32) * 2.0
@@ -624,6 +632,50 @@ def test_kvsmooth_op(spec: Spec, impl: str, kvsmooth_backend: str) -> None:
         check_run(inp_kq, out_kq, orc.reference(case_kq, *args_kq), label)
         z_q, z_kq = out.result[:, 0].astype(np.float64), out_kq.result[:, 0].astype(np.float64)
         assert np.all(np.abs(z_q - z_kq) <= z_tol(z_kq)), f"z of the q path vs the kq path: {_worst(z_q, z_kq)}"
+
+
+def build_flash_specs() -> list[Spec]:
+    """Every scores-path case flash attention can take (V rows, mask none or f16), and the cases
+    that reach the CPU kernel's other two paths: tiled (64 or more query rows of f32/f16 K and
+    V) and split over the cells (one query row, 512 or more cells, f32/f16 K = V)."""
+    specs = [replace(s, fa=1, mask=2 if s.mask == 1 else s.mask) for s in SPECS if s.path == "q" and not s.v_trans]
+    for t in (GGML_TYPE_F16, GGML_TYPE_F32):
+        for kw in (dict(), dict(sinks=1), dict(softcap=30.0, max_bias=8.0), dict(n_head_kv=1, gqa=8, sinks=1, mask=0)):
+            base = {"path": "q", "type_k": t, "type_v": t, "fa": 1, "mask": 2, **kw}
+            specs.append(Spec(**{**base, "n_seq": 2, "n_tok": 2, "rows": 70, "n_kv": 300}))  # tiled
+            specs.append(Spec(**{**base, "n_seq": 1, "n_tok": 1, "rows": 0, "n_kv": 1000}))  # split-KV
+    specs.append(Spec(path="q", type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, fa=1, mask=2, n_seq=1, n_tok=1, rows=0,
+                      n_kv=2048, d=64, fill="full"))  # fmt: skip
+    return [replace(s, seed=5000 + i) for i, s in enumerate(specs)]
+
+
+FLASH_SPECS = build_flash_specs()
+
+
+@pytest.mark.parametrize("spec", FLASH_SPECS, ids=[s.vars() for s in FLASH_SPECS])
+def test_flash_attn_entropy_into_op(spec: Spec, kvsmooth_backend: str) -> None:
+    """ggml_flash_attn_ext_entropy's row entropies fed to ggml_kvsmooth_from_entropies, what llama.cpp
+    builds with flash attention on the CPU: the oracle's results on each of the kernel's paths. A
+    backend without the side output must refuse it (supports_op), not compute something else."""
+    inp = make_inputs(spec)
+    args = (inp.kq_or_q, inp.mask, inp.sinks, inp.k, inp.v, inp.ids, inp.state)
+    ref = orc.reference(inp.case, *args)
+    out = run(kvsmooth_backend, inp.case, *args, impl=op_runner.FLASH)
+    if not kvsmooth_backend.startswith("CPU"):
+        assert out.rc == op_runner.RC_NOT_SUPPORTED, (
+            f"{kvsmooth_backend}: the side output is a CPU kernel's, got rc {out.rc}"
+        )
+        return
+    check_run(inp, out, ref, f"{kvsmooth_backend} flash attention entropy path")
+
+
+def test_flash_attn_entropy_refuses_bad_layouts() -> None:
+    """Transposed V and an f32 mask are not flash attention's inputs: bad arguments, no crash."""
+    for spec in (replace(SPECS[1], v_trans=1), Spec(path="q", mask=1), Spec(path="kq")):
+        inp = make_inputs(spec)
+        args = (inp.kq_or_q, inp.mask, inp.sinks, inp.k, inp.v, inp.ids, inp.state)
+        out = run("CPU", inp.case, *args, impl=op_runner.FLASH)
+        assert out.rc == op_runner.RC_BAD_ARGUMENTS, (spec.vars(), out.rc)
 
 
 @pytest.mark.parametrize("ggml_type", [GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0], ids=orc.TYPE_NAMES.get)

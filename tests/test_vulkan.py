@@ -128,7 +128,7 @@ def test_model_on_vulkan_matches_the_reference(vulkan: None, arithmetic: str, se
 
 
 def test_backend_ops_reports_the_op_unsupported_on_vulkan(vulkan: None) -> None:
-    """llama.cpp's own checker (patch 0013's KVSmooth case) on Vulkan0: no kernel there, so
+    """llama.cpp's own checker (patch 0014's KVSmooth case) on Vulkan0: no kernel there, so
     every case says "not supported" and the run passes; with a kernel, it would compare."""
     from server_process import program
 

@@ -937,6 +937,35 @@ void llm_graph_input_kvsmooth::read_trace() {
 // graph
 //
 
+// the graph's KVSmooth input, created by the first smoothed layer: it takes part in every graph while
+// KVSmooth is on, op nodes or not, since its set_input also sees the prompt tokens that reset the queues
+static llm_graph_input_kvsmooth * kvsmooth_input(
+        llm_graph_input_kvsmooth *& inp, llm_graph_result * res, llama_kvsmooth * ks, ggml_backend_sched_t sched, const llama_ubatch & ubatch) {
+    if (inp == nullptr) {
+        auto inp_ks = std::make_unique<llm_graph_input_kvsmooth>(ks, sched, ks->groups_of(ubatch));
+
+        inp = (llm_graph_input_kvsmooth *) res->add_input(std::move(inp_ks));
+    }
+    return inp;
+}
+
+bool llm_graph_context::kvsmooth_wants_entropy(int il) const {
+    ggml_tensor * state = kvsmooth ? kvsmooth->get_state(il) : nullptr;
+    if (state == nullptr || kvsmooth->composed || !cparams.flash_attn) {
+        return false;
+    }
+
+    // a ubatch without generation-step tokens (a prompt chunk) runs plain flash attention
+    if (kvsmooth_input(inp_kvsmooth, res, kvsmooth, sched, ubatch)->groups.empty()) {
+        return false;
+    }
+
+    // the layer's cache, and so its attention, is on the CPU: the one backend whose flash-attention
+    // kernel has the side output (the others refuse it in supports_op and keep the op's recompute)
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(state->buffer));
+    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+}
+
 void llm_graph_context::build_kvsmooth(
         const llama_kv_cache_context * mctx_cur,
         ggml_tensor * kq_mask,
@@ -944,19 +973,14 @@ void llm_graph_context::build_kvsmooth(
         ggml_tensor * k,
         ggml_tensor * v,
         ggml_tensor * kq,
+        ggml_tensor * ent,
         ggml_tensor * sinks,
         ggml_tensor * kqv_out,
               float   kq_scale,
                 int   il) const {
     GGML_ASSERT(kvsmooth != nullptr);
 
-    // the input takes part in every graph while KVSmooth is on, op nodes or not: its set_input also
-    // sees the prompt tokens that reset the queues
-    if (inp_kvsmooth == nullptr) {
-        auto inp_ks = std::make_unique<llm_graph_input_kvsmooth>(kvsmooth, sched, kvsmooth->groups_of(ubatch));
-
-        inp_kvsmooth = (llm_graph_input_kvsmooth *) res->add_input(std::move(inp_ks));
-    }
+    kvsmooth_input(inp_kvsmooth, res, kvsmooth, sched, ubatch);
 
     ggml_tensor * state = kvsmooth->get_state(il);
 
@@ -1016,6 +1040,10 @@ void llm_graph_context::build_kvsmooth(
         } else if (kq) {
             cur = ggml_kvsmooth(ctx0, kq, k, v, ids, state, kqv_out,
                     setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+        } else if (ent) {
+            // flash attention gave the row entropies: nothing to recompute
+            cur = ggml_kvsmooth_from_entropies(ctx0, ent, k, v, ids, state, kqv_out,
+                    setting.lambda_ref, setting.window, p.queue, mode, v_trans);
         } else {
             // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
             cur = ggml_kvsmooth_ext(ctx0, q, k, v, kq_mask, ids, state, kqv_out,

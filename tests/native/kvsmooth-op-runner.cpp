@@ -1,6 +1,8 @@
 // Runs one GGML_OP_KVSMOOTH node on a named ggml backend, for the Python op tests
 // (tests/op_runner.py loads this library with ctypes), or the same computation built from
-// stock ggml ops (kvsmooth_op_run_composed: llama-kvsmooth-composed.h, compiled in).
+// stock ggml ops (kvsmooth_op_run_composed: llama-kvsmooth-composed.h, compiled in), or, for a
+// scores-path case, flash attention with its entropy side output feeding the op's entropies path
+// (kvsmooth_op_run_flash: what llama.cpp builds with flash attention on the CPU).
 //
 // The K/V tensors are whole layer caches ([n_embd_gqa, kv_size, n_stream], kv_size = n_kv) and
 // the op gets views of them made exactly like llama_kv_cache::get_k / get_v, so the strides the
@@ -55,6 +57,12 @@ int kvsmooth_op_run(const char * backend, const struct kvsmooth_op_case * c,
 
 // the same, with the composed path instead of the op (same arguments, same effects)
 int kvsmooth_op_run_composed(const char * backend, const struct kvsmooth_op_case * c,
+                    const float * kq_or_q, const float * mask, const float * sinks,
+                    void * k, void * v, const int32_t * ids, float * state, float * result);
+
+// the same for a scores-path case (q, V not transposed, mask none or f16): ggml_flash_attn_ext_entropy
+// over q, k, v, mask and sinks, its entropies into ggml_kvsmooth_from_entropies
+int kvsmooth_op_run_flash(const char * backend, const struct kvsmooth_op_case * c,
                     const float * kq_or_q, const float * mask, const float * sinks,
                     void * k, void * v, const int32_t * ids, float * state, float * result);
 
@@ -150,12 +158,19 @@ void set_threads(ggml_backend_dev_t dev, ggml_backend_t backend) {
 
 } // namespace
 
-static int run(bool composed, const char * backend_name, const struct kvsmooth_op_case * c,
+enum class impl { fused, composed, flash };
+
+static int run(impl how, const char * backend_name, const struct kvsmooth_op_case * c,
         const float * kq_or_q, const float * mask, const float * sinks,
         void * k, void * v, const int32_t * ids, float * state, float * result) {
     if (!case_ok(c, kq_or_q, mask, sinks, k, v, ids, state, result)) {
         return KVSMOOTH_OP_BAD_ARGUMENTS;
     }
+    // flash attention reads V rows and an f16 mask
+    if (how == impl::flash && (!c->from_scores || c->v_trans || c->mask_kind == 1)) {
+        return KVSMOOTH_OP_BAD_ARGUMENTS;
+    }
+    const bool composed = how == impl::composed;
 
     ggml_backend_dev_t dev = find_device(backend_name ? backend_name : "CPU");
     if (!dev) {
@@ -264,6 +279,20 @@ static int run(bool composed, const char * backend_name, const struct kvsmooth_o
                 return KVSMOOTH_OP_NOT_SUPPORTED;
             }
         }
+    } else if (how == impl::flash) {
+        // as llm_graph_context::build_attn_mha lays out q, k and v for flash attention
+        ggml_tensor * q4 = ggml_view_4d(ctx, t_in, c->d_k, c->n_head, c->n_tps, n_stream,
+                t_in->nb[1], t_in->nb[2], t_in->nb[2]*c->n_tps, 0);
+        ggml_tensor * fa = ggml_flash_attn_ext_entropy(ctx,
+                ggml_permute(ctx, q4, 0, 2, 1, 3), ggml_permute(ctx, k_view, 0, 2, 1, 3), ggml_permute(ctx, v_view, 0, 2, 1, 3),
+                t_mask, c->scale, c->max_bias, c->logit_softcap);
+        ggml_flash_attn_ext_add_sinks(fa, t_sinks);
+        ggml_prec_set_acc(fa, GGML_PREC_F32);
+        if (!ggml_backend_supports_op(backend.get(), fa)) {
+            return KVSMOOTH_OP_NOT_SUPPORTED;
+        }
+        out = ggml_kvsmooth_from_entropies(ctx, ggml_flash_attn_ext_entropy_rows(ctx, fa), k_view, v_view, t_ids, t_state,
+                ggml_flash_attn_ext_entropy_output(ctx, fa), c->lambda_ref, c->window, c->queue, mode, false);
     } else {
         out = c->from_scores
             ? ggml_kvsmooth_ext(ctx, t_in, k_view, v_view, t_mask, t_ids, t_state, after,
@@ -328,11 +357,17 @@ static int run(bool composed, const char * backend_name, const struct kvsmooth_o
 extern "C" int kvsmooth_op_run(const char * backend, const struct kvsmooth_op_case * c,
         const float * kq_or_q, const float * mask, const float * sinks,
         void * k, void * v, const int32_t * ids, float * state, float * result) {
-    return run(false, backend, c, kq_or_q, mask, sinks, k, v, ids, state, result);
+    return run(impl::fused, backend, c, kq_or_q, mask, sinks, k, v, ids, state, result);
 }
 
 extern "C" int kvsmooth_op_run_composed(const char * backend, const struct kvsmooth_op_case * c,
         const float * kq_or_q, const float * mask, const float * sinks,
         void * k, void * v, const int32_t * ids, float * state, float * result) {
-    return run(true, backend, c, kq_or_q, mask, sinks, k, v, ids, state, result);
+    return run(impl::composed, backend, c, kq_or_q, mask, sinks, k, v, ids, state, result);
+}
+
+extern "C" int kvsmooth_op_run_flash(const char * backend, const struct kvsmooth_op_case * c,
+        const float * kq_or_q, const float * mask, const float * sinks,
+        void * k, void * v, const int32_t * ids, float * state, float * result) {
+    return run(impl::flash, backend, c, kq_or_q, mask, sinks, k, v, ids, state, result);
 }

@@ -24,44 +24,16 @@
 
 namespace {
 
-struct kvsmooth_op_params {
-    ggml_kvsmooth_mode mode;
-    int32_t            queue;
-    bool               v_trans;
-    bool               from_scores;
-    float              lambda_ref;
-    float              window;
-    float              eps;
-    float              scale;
-    float              max_bias;
-    float              logit_softcap;
-};
+using kvsmooth_op_params = ggml_kvsmooth_op_params;
 
 kvsmooth_op_params kvsmooth_get_op_params(const ggml_tensor * dst) {
-    kvsmooth_op_params p;
-    p.mode          = (ggml_kvsmooth_mode) ggml_get_op_params_i32(dst, 0);
-    p.queue         = ggml_get_op_params_i32(dst, 1);
-    p.v_trans       = ggml_get_op_params_i32(dst, 2) != 0;
-    p.from_scores   = ggml_get_op_params_i32(dst, 3) != 0;
-    p.lambda_ref    = ggml_get_op_params_f32(dst, 4);
-    p.window        = ggml_get_op_params_f32(dst, 5);
-    p.eps           = ggml_get_op_params_f32(dst, 6);
-    p.scale         = ggml_get_op_params_f32(dst, 7);
-    p.max_bias      = ggml_get_op_params_f32(dst, 8);
-    p.logit_softcap = ggml_get_op_params_f32(dst, 9);
-    return p;
-}
-
-int64_t kvsmooth_n_head(const ggml_tensor * dst, bool from_scores) {
-    // q: [d_k, n_head, n_tokens]; kq: [n_kv, n_tps, n_head, n_stream]
-    return from_scores ? dst->src[0]->ne[1] : dst->src[0]->ne[2];
+    return ggml_kvsmooth_get_op_params(dst);
 }
 
 // floats of work buffer: the entropies, shared by all threads, rounded up to a cache line
 int64_t kvsmooth_shared_floats(const ggml_tensor * dst) {
-    const kvsmooth_op_params p = kvsmooth_get_op_params(dst);
     const int64_t n_smooth = dst->src[3]->ne[1];
-    return GGML_PAD(n_smooth*kvsmooth_n_head(dst, p.from_scores), (int64_t) CACHE_LINE_SIZE_F32);
+    return GGML_PAD(n_smooth*ggml_kvsmooth_n_head(dst), (int64_t) CACHE_LINE_SIZE_F32);
 }
 
 // floats of work buffer per thread: the scores of the query heads of one KV head and one f32
@@ -74,9 +46,9 @@ int64_t kvsmooth_thread_floats(const ggml_tensor * dst) {
     const int64_t d_k   = k->ne[0];
     const int64_t d_v   = p.v_trans ? v->ne[2] : v->ne[0];
     const int64_t n_kv  = k->ne[2];
-    const int64_t n_rep = kvsmooth_n_head(dst, p.from_scores)/k->ne[1];
+    const int64_t n_rep = ggml_kvsmooth_n_head(dst)/k->ne[1];
 
-    const int64_t phase1 = p.from_scores ? n_rep*n_kv + d_k : 0;
+    const int64_t phase1 = p.source == GGML_KVSMOOTH_SOURCE_SCORES ? n_rep*n_kv + d_k : 0;
     const int64_t phase3 = 2*std::max(d_k, d_v);
 
     return GGML_PAD(std::max(phase1, phase3), (int64_t) CACHE_LINE_SIZE_F32);
@@ -192,6 +164,24 @@ void kvsmooth_entropies_kq(const ggml_compute_params * params, const ggml_tensor
 
         const float * a = (const float *) ((const char *) kq->data + id.i*kq->nb[1] + h*kq->nb[2] + id.s*kq->nb[3]);
         H[ir] = kvsmooth_entropy(a, n_kv, 1.0f, p.eps);
+    }
+}
+
+// phase 1, entropies path: the row entropies of the flash-attention kernel, gathered
+void kvsmooth_entropies_rows(const ggml_compute_params * params, const ggml_tensor * dst, float * H) {
+    const ggml_tensor * h   = dst->src[0];
+    const ggml_tensor * ids = dst->src[3];
+
+    const int64_t n_head   = h->ne[0];
+    const int64_t n_tps    = h->ne[1];
+    const int64_t n_stream = h->ne[2];
+
+    for (int64_t j = params->ith; j < ids->ne[1]; j += params->nth) {
+        const kvsmooth_id id = kvsmooth_get_id(ids, j);
+        GGML_ASSERT(id.i >= 0 && id.i < n_tps && id.s >= 0 && id.s < n_stream);
+
+        const float * row = (const float *) ((const char *) h->data + id.i*h->nb[1] + id.s*h->nb[2]);
+        memcpy(H + j*n_head, row, n_head*sizeof(float));
     }
 }
 
@@ -323,7 +313,7 @@ void kvsmooth_update_queues(const ggml_tensor * dst, const float * H) {
     const ggml_tensor * state = dst->src[4];
 
     const int64_t n_smooth  = ids->ne[1];
-    const int64_t n_head    = kvsmooth_n_head(dst, p.from_scores);
+    const int64_t n_head    = ggml_kvsmooth_n_head(dst);
     const int64_t queue_cap = state->ne[0] - 1;
     const int64_t n_slot    = state->ne[1];
     const int64_t M         = p.queue;
@@ -460,10 +450,11 @@ void ggml_compute_forward_kvsmooth(const struct ggml_compute_params * params, st
     float * H       = (float *) params->wdata;
     float * scratch = H + kvsmooth_shared_floats(dst) + params->ith*kvsmooth_thread_floats(dst);
 
-    if (p.from_scores) {
-        kvsmooth_entropies_q(params, dst, H, scratch);
-    } else {
-        kvsmooth_entropies_kq(params, dst, H);
+    switch (p.source) {
+        case GGML_KVSMOOTH_SOURCE_PROBS:     kvsmooth_entropies_kq(params, dst, H);          break;
+        case GGML_KVSMOOTH_SOURCE_SCORES:    kvsmooth_entropies_q(params, dst, H, scratch);  break;
+        case GGML_KVSMOOTH_SOURCE_ENTROPIES: kvsmooth_entropies_rows(params, dst, H);        break;
+        default:                             GGML_ABORT("kvsmooth: unknown entropy source %d", (int) p.source);
     }
 
     ggml_barrier(params->threadpool);

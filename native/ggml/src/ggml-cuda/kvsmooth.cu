@@ -525,10 +525,15 @@ void ggml_cuda_op_kvsmooth(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * mask  = dst->src[6];
     const ggml_tensor * sinks = dst->src[7];
 
-    const int32_t mode        = ggml_get_op_params_i32(dst, 0);
-    const int32_t queue       = ggml_get_op_params_i32(dst, 1);
-    const bool    v_trans     = ggml_get_op_params_i32(dst, 2) != 0;
-    const bool    from_scores = ggml_get_op_params_i32(dst, 3) != 0;
+    const ggml_kvsmooth_op_params p = ggml_kvsmooth_get_op_params(dst);
+
+    const int32_t mode        = p.mode;
+    const int32_t queue       = p.queue;
+    const bool    v_trans     = p.v_trans;
+    const bool    from_scores = p.source == GGML_KVSMOOTH_SOURCE_SCORES;
+
+    // the flash-attention entropy side output is a CPU kernel's (supports_op refuses it here)
+    GGML_ASSERT(p.source == GGML_KVSMOOTH_SOURCE_PROBS || p.source == GGML_KVSMOOTH_SOURCE_SCORES);
 
     GGML_ASSERT(dst->type == GGML_TYPE_F32 && ggml_is_contiguous(dst));
     GGML_ASSERT(src0->type == GGML_TYPE_F32 && src0->nb[0] == sizeof(float));
@@ -586,20 +591,20 @@ void ggml_cuda_op_kvsmooth(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     a.queue_cap = (int32_t) (state->ne[0] - 1);
 
     a.n_smooth  = (int32_t) n_smooth;
-    a.n_head    = (int32_t) (from_scores ? src0->ne[1] : src0->ne[2]);
+    a.n_head    = (int32_t) ggml_kvsmooth_n_head(dst);
     a.n_head_kv = (int32_t) k->ne[1];
     a.n_rep     = a.n_head/a.n_head_kv;
     a.n_kv      = (int32_t) k->ne[2];
-    a.n_tps     = (int32_t) (from_scores ? src0->ne[2]/k->ne[3] : src0->ne[1]);
+    a.n_tps     = (int32_t) ggml_kvsmooth_n_tps(dst);
     a.d_k       = (int32_t) k->ne[0];
     a.d_v       = (int32_t) (v_trans ? v->ne[2] : v->ne[0]);
 
-    a.lambda_ref    = ggml_get_op_params_f32(dst, 4);
-    a.window        = ggml_get_op_params_f32(dst, 5);
-    a.eps           = ggml_get_op_params_f32(dst, 6);
-    a.scale         = ggml_get_op_params_f32(dst, 7);
-    a.max_bias      = ggml_get_op_params_f32(dst, 8);
-    a.logit_softcap = ggml_get_op_params_f32(dst, 9);
+    a.lambda_ref    = p.lambda_ref;
+    a.window        = p.window;
+    a.eps           = p.eps;
+    a.scale         = p.scale;
+    a.max_bias      = p.max_bias;
+    a.logit_softcap = p.logit_softcap;
 
     // as ggml_flash_attn_ext: the soft-cap divides the scale, then s = softcap·tanh(s)
     if (a.logit_softcap != 0.0f) {
