@@ -26,7 +26,7 @@ IMPLS = {
     "fused": _capi.LLAMA_KVSMOOTH_IMPL_FUSED,
     "composed": _capi.LLAMA_KVSMOOTH_IMPL_COMPOSED,
 }
-MAX_QUEUE = 256  # GGML_KVSMOOTH_MAX_QUEUE
+MAX_QUEUE = 256  # LLAMA_KVSMOOTH_MAX_QUEUE (llama.h)
 
 
 def _c_float(value: float) -> float:

@@ -905,42 +905,152 @@ def test_impl_is_resolved_and_reported(model: Model, flash_attn: bool) -> None:
             assert enabled and fields is not None and fields["impl"] == IMPLS[runs], (asked, fields)
 
 
-def test_composed_several_outputs_of_one_sequence(model: Model, workload) -> None:
-    """Several output tokens of one sequence in one decode (logits_all, speculative checks):
-    the composed path ranks and blends them in order as the KVSmooth op does, up to
-    kvsmooth_composed::MAX_ROUNDS; a decode with more is refused with an error naming the
-    limit (llama_decode fails, the context stays usable), never a crash."""
+def _decode_raw(ctx: int, batch: Batch, items: Sequence[tuple[int, int, Sequence[int], bool]]) -> int:
+    """llama_decode of tokens (token, pos, seq_ids, output); its return code."""
+    b = batch.b
+    b.n_tokens = len(items)
+    for i, (tok, pos, seqs, out) in enumerate(items):
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(seqs), out
+        for k, seq in enumerate(seqs):
+            b.seq_id[i][k] = seq
+    return int(L.llama_decode(ctx, b))
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("impl", ["fused", "composed"])
+def test_several_outputs_of_one_sequence_as_one_at_a_time(model: Model, workload, impl: str, flash_attn: bool) -> None:
+    """Several output tokens of one sequence in one decode (logits_all, speculative checks) give
+    what decoding them one per llama_decode gives (SPEC §2): each attends to the earlier ones'
+    smoothed cells. Also more of them than the composed path's rounds."""
     prompt, gen = workload
-    params = Params(mode="adaptive", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5)
-    n_out = 8
-    runs = {}
-    for impl in ("fused", "composed"):
-        with context(model, dataclasses.replace(params, impl=impl)) as ctx:
-            batch = Batch(max(len(prompt), n_out + 1))
+    params = Params(mode="adaptive", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5, impl=impl)
+    n_out = kvsmooth_composed_max_rounds() + 1
+    steps = [gen[i % len(gen)] for i in range(n_out)]
+    runs = []
+    for together in (True, False):
+        with context(model, params, flash_attn=flash_attn) as ctx:
+            batch = Batch(max(len(prompt), n_out), n_seq_max=1)
             try:
-                batch.decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)])
-                batch.decode(ctx, [(t, len(prompt) + i, 0, True) for i, t in enumerate(gen[:n_out])])
-                runs[impl] = (np.array([logits_row(ctx, i, model.n_vocab) for i in range(n_out)]), read_trace(ctx))
+                assert _decode_raw(ctx, batch, [(t, i, [0], False) for i, t in enumerate(prompt)]) == 0
+                if together:
+                    items = [(t, len(prompt) + i, [0], True) for i, t in enumerate(steps)]
+                    assert _decode_raw(ctx, batch, items) == 0
+                    logits = [logits_row(ctx, i, model.n_vocab) for i in range(n_out)]
+                    trace = read_trace(ctx)
+                else:
+                    logits, trace = [], []
+                    for i, t in enumerate(steps):
+                        assert _decode_raw(ctx, batch, [(t, len(prompt) + i, [0], True)]) == 0
+                        logits.append(logits_row(ctx, 0, model.n_vocab))
+                        trace += read_trace(ctx)
+                runs.append((np.array(logits), trace))
             finally:
                 batch.free()
-    (lf, tf), (lc, tc) = runs["fused"], runs["composed"]
-    assert len(tf) == n_out * 6 and max_diff(lf, lc) <= 1e-4
-    decided = [[(r.pos, r.layer, r.rank, r.lam, r.applied) for r in t] for t in (tc, tf)]
+    (lt, tt), (ls, ts) = runs
+    assert len(tt) == n_out * 6 and max_diff(lt, ls) <= 1e-6
+    decided = [[(r.pos, r.layer, r.rank, r.lam, r.applied) for r in t] for t in (tt, ts)]
     assert decided[0] == decided[1]
-    assert [r.z for r in tc] == pytest.approx([r.z for r in tf], abs=1e-5)
+    assert [r.z for r in tt] == pytest.approx([r.z for r in ts], abs=1e-6)
 
-    with context(model, dataclasses.replace(params, impl="composed")) as ctx:
-        batch = Batch(max(len(prompt), n_out + 1))
+
+def kvsmooth_composed_max_rounds() -> int:
+    return 8  # kvsmooth_composed::MAX_ROUNDS
+
+
+def test_several_outputs_refused_where_the_batch_cannot_be_split(model: Model, workload) -> None:
+    """Per-sequence KV streams split a batch by sequence, so several output tokens of one
+    sequence cannot each get a ubatch: llama_decode refuses them naming the fix, the context
+    stays usable."""
+    prompt, gen = workload
+    with context(model, Params(layer_start=0, layer_end=6), n_seq_max=2, kv_unified=False) as ctx:
+        batch = Batch(max(len(prompt), 4), n_seq_max=2)
         try:
-            batch.decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)])
-            b = batch.b
-            b.n_tokens = n_out + 1
-            for i in range(n_out + 1):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = gen[i % len(gen)], len(prompt) + i, 1, True
-                b.seq_id[i][0] = 0
-            assert L.llama_decode(ctx, b) != 0
-            assert f"at most {n_out} output tokens of one sequence per decode" in _last_error(ctx)
-            # fewer at a time work
-            batch.decode(ctx, [(gen[0], len(prompt), 0, True)])
+            assert _decode_raw(ctx, batch, [(t, i, [0], False) for i, t in enumerate(prompt)]) == 0
+            items = [(t, len(prompt) + i, [0], True) for i, t in enumerate(gen[:2])]
+            assert _decode_raw(ctx, batch, items) != 0
+            assert "seq_id 0 has 2 output tokens" in _last_error(ctx) and "kv_unified" in _last_error(ctx)
+            assert _decode_raw(ctx, batch, items[:1]) == 0
         finally:
             batch.free()
+
+
+@pytest.mark.parametrize("impl", ["fused", "composed"])
+def test_token_of_two_sequences_pushes_into_both_queues(model: Model, workload, impl: str) -> None:
+    """A prompt shared by sequences 0 and 1 (every token carries both seq_ids, output on the
+    last): its last token's entropy enters both sequences' queues, its one cell is blended once,
+    by sequence 0 (SPEC §2). The next token of sequence 1 alone is then ranked against that
+    entropy: rank 1 exactly when it is the larger."""
+    prompt, gen = workload
+    params = Params(mode="adaptive", layer_start=0, layer_end=6, lambda_ref=0.5, window=0.5, impl=impl)
+    with context(model, params, n_seq_max=2) as ctx:
+        batch = Batch(len(prompt), n_seq_max=2)
+        try:
+            items = [(t, i, [0, 1], i == len(prompt) - 1) for i, t in enumerate(prompt)]
+            assert _decode_raw(ctx, batch, items) == 0
+            shared = read_trace(ctx)
+            assert sorted({r.seq_id for r in shared}) == [0, 1] and len(shared) == 2 * 6
+            by_seq = {seq: {r.layer: r for r in shared if r.seq_id == seq} for seq in (0, 1)}
+            for layer in range(6):
+                r0, r1 = by_seq[0][layer], by_seq[1][layer]
+                assert r0.pos == r1.pos == len(prompt) - 1
+                assert r0.z == r1.z and r0.rank == r1.rank == 0
+                assert r0.applied and not r1.applied  # one blend of the one cell
+            assert _decode_raw(ctx, batch, [(gen[0], len(prompt), [1], True)]) == 0
+            nxt = {r.layer: r for r in read_trace(ctx)}
+            assert sorted(nxt) == list(range(6)) and all(r.seq_id == 1 for r in nxt.values())
+            for layer, r in nxt.items():
+                assert r.rank == int(by_seq[1][layer].z < r.z), (layer, r, by_seq[1][layer])
+        finally:
+            batch.free()
+
+
+def _node_names(
+    model: Model, params: Params, flash_attn: bool, steps: Sequence[tuple[list[int], bool]]
+) -> list[set[str]]:
+    """The names of the graph nodes of each decode (llama_context_params.cb_eval, asked only)."""
+    ggml_base = ctypes.CDLL(str(pykvsmooth.lib_dir() / "libggml-base.so"))
+    ggml_base.ggml_get_name.restype = ctypes.c_char_p
+    ggml_base.ggml_get_name.argtypes = [ctypes.c_void_p]
+    seen: set[str] = set()
+
+    @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
+    def cb(t: int, ask: bool, _: int) -> bool:
+        seen.add(ggml_base.ggml_get_name(t).decode())
+        return False if ask else True
+
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_threads, cp.n_threads_batch = N_CTX, 1, 1
+    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.cb_eval = ctypes.cast(cb, type(cp.cb_eval))
+    ctx = L.llama_init_from_model(model.ptr, cp)
+    assert ctx
+    out = []
+    batch = Batch(max(len(toks) for toks, _ in steps))
+    try:
+        assert _capi.llama_kvsmooth_set(ctx, ctypes.byref(params.native())) == 0
+        pos = 0
+        for toks, last_out in steps:
+            seen.clear()
+            batch.decode(ctx, [(t, pos + i, 0, last_out and i == len(toks) - 1) for i, t in enumerate(toks)])
+            pos += len(toks)
+            out.append(set(seen))
+    finally:
+        batch.free()
+        L.llama_free(ctx)
+    return out
+
+
+def test_flash_attention_gives_the_entropies_on_the_cpu(model: Model, workload) -> None:
+    """With flash attention on the CPU, each smoothed layer's entropies are the flash-attention
+    kernel's side output (ggml_flash_attn_ext_entropy, patch 0013), not a recompute from Q and K;
+    a prompt chunk without a token to smooth runs plain flash attention, and flash attention off
+    reads the probabilities."""
+    prompt, gen = workload
+    params = Params(layer_start=1, layer_end=4)
+    chunk, final, step = _node_names(model, params, True, [(prompt[:-1], False), (prompt[-1:], True), (gen[:1], True)])
+    for il in range(1, 4):
+        assert f"fattn_entropy-{il}" in final and f"fattn_entropy-{il}" in step and f"kvsmooth-{il}" in step
+        assert f"fattn_entropy-{il}" not in chunk
+    assert "fattn_entropy-0" not in step and "fattn_entropy-4" not in step
+    (off,) = _node_names(model, params, False, [(prompt, True)])
+    assert not any(n.startswith("fattn_entropy") for n in off) and "kvsmooth-1" in off

@@ -240,8 +240,9 @@ ggml_tensor * kvsmooth_composed::build(ggml_context * ctx, ggml_cgraph * gf, con
         r.cells    = new_input(ctx, GGML_TYPE_I32, n_r, 1, "kvsmooth_c_cells");
         r.prevs    = new_input(ctx, GGML_TYPE_I32, n_r, 1, "kvsmooth_c_prevs");
         r.has_prev = new_input(ctx, GGML_TYPE_F32, 1, n_r, "kvsmooth_c_has_prev");
+        r.w_src    = new_input(ctx, GGML_TYPE_I32, n_r, 1, "kvsmooth_c_w_src");
 
-        ggml_tensor * w   = ggml_mul(ctx, lambda, r.has_prev);
+        ggml_tensor * w   = ggml_get_rows(ctx, ggml_mul(ctx, lambda, r.has_prev), r.w_src);
         ggml_tensor * w_1 = ggml_scale_bias(ctx, w, -1.0f, 1.0f);
 
         const auto blend = [&](ggml_tensor * rows, ggml_tensor * cells, ggml_tensor * prevs, int64_t width) {
@@ -333,7 +334,7 @@ void kvsmooth_composed::fill(const int32_t * ids) const {
     int32_t at = 0;
     for (const round & r : rounds) {
         const int64_t n_r = (int64_t) r.cols.size();
-        std::vector<int32_t> slots(n_r), cells(n_r), prevs(n_r), v_cells, v_prevs;
+        std::vector<int32_t> slots(n_r), cells(n_r), prevs(n_r), w_src(n_r), v_cells, v_prevs;
         std::vector<float>   has_prev(n_r);
         for (int64_t t = 0; t < n_r; ++t) {
             const int64_t j    = r.cols[t];
@@ -343,12 +344,25 @@ void kvsmooth_composed::fill(const int32_t * ids) const {
             cells[t]    = (int32_t) (row0 + id(j, ID_CELL));
             prevs[t]    = (int32_t) (row0 + (prev >= 0 ? prev : id(j, ID_CELL)));
             has_prev[t] = prev >= 0 ? 1.0f : 0.0f;
+            w_src[t]    = (int32_t) t;
             v_perm[j]   = at++;
+        }
+        // a cell that two columns of this round write (a token of several sequences: one blends, the
+        // others only push) gets the same value from both, so that set_rows' order does not matter
+        for (int64_t t = 0; t < n_r; ++t) {
+            for (int64_t u = 0; u < n_r && has_prev[t] == 0.0f; ++u) {
+                if (u != t && cells[u] == cells[t] && has_prev[u] != 0.0f) {
+                    prevs[t] = prevs[u];
+                    w_src[t] = (int32_t) u;
+                    break;
+                }
+            }
         }
         ggml_backend_tensor_set(r.slots, slots.data(), 0, ggml_nbytes(r.slots));
         ggml_backend_tensor_set(r.cells, cells.data(), 0, ggml_nbytes(r.cells));
         ggml_backend_tensor_set(r.prevs, prevs.data(), 0, ggml_nbytes(r.prevs));
         ggml_backend_tensor_set(r.has_prev, has_prev.data(), 0, ggml_nbytes(r.has_prev));
+        ggml_backend_tensor_set(r.w_src, w_src.data(), 0, ggml_nbytes(r.w_src));
         if (r.cols_t) {
             ggml_backend_tensor_set(r.cols_t, r.cols.data(), 0, ggml_nbytes(r.cols_t));
         }
@@ -356,7 +370,7 @@ void kvsmooth_composed::fill(const int32_t * ids) const {
             v_cells.resize(d_v_all*n_r);
             v_prevs.resize(d_v_all*n_r);
             for (int64_t t = 0; t < n_r; ++t) {
-                const int64_t j    = r.cols[t];
+                const int64_t j    = r.cols[w_src[t]]; // the blend's previous cell (see above)
                 const int64_t base = id(j, ID_S)*kv_size*d_v_all;
                 const int32_t prev = id(j, ID_PREV);
                 for (int64_t e = 0; e < d_v_all; ++e) {

@@ -79,6 +79,9 @@ private:
         ggml_tensor * cells    = nullptr; // i32 [n_r] row of the cell in the K (V) row view
         ggml_tensor * prevs    = nullptr; // i32 [n_r] row of the previous cell, the cell itself if none
         ggml_tensor * has_prev = nullptr; // f32 [1, n_r] 1: blended, 0: written back unchanged
+        ggml_tensor * w_src    = nullptr; // i32 [n_r] the column whose blend weight a column's row takes: itself,
+                                          //   or, for a column of a token of several sequences that does not
+                                          //   blend, the round's column that blends the same cell (one value written twice)
         ggml_tensor * v_cells  = nullptr; // i32 [d_v*n_r] transposed V: elements of the cell
         ggml_tensor * v_prevs  = nullptr; // i32 [d_v*n_r] and of the previous cell
     };

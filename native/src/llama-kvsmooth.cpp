@@ -68,8 +68,8 @@ static bool llama_kvsmooth_check_params(const llama_kvsmooth_params & p, int32_t
     if (!std::isfinite(p.window) || p.window < 0.0f) {
         return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid window = %g: allowed values are >= 0", p.window);
     }
-    if (p.queue < 1 || p.queue > GGML_KVSMOOTH_MAX_QUEUE) {
-        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid queue = %d: allowed values are [1, %d]", p.queue, GGML_KVSMOOTH_MAX_QUEUE);
+    if (p.queue < 1 || p.queue > LLAMA_KVSMOOTH_MAX_QUEUE) {
+        return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid queue = %d: allowed values are [1, %d]", p.queue, LLAMA_KVSMOOTH_MAX_QUEUE);
     }
     if (!std::isfinite(p.eps) || p.eps < 0.0f || p.eps >= 1.0f) {
         return llama_kvsmooth_fail(err, msg, LLAMA_KVSMOOTH_ERR_INVALID_PARAM, "invalid eps = %g: allowed values are [0, 1)", p.eps);
@@ -132,7 +132,7 @@ static std::vector<const llama_kv_cache_context *> llama_kvsmooth_contexts_of(co
 // llama_kvsmooth
 //
 
-llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed) :
+llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed, bool split_simple) :
     params(params),
     id([] {
         // never 0, which stands for "disabled" in llm_graph_params
@@ -141,6 +141,7 @@ llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector
     }()),
     n_slot(n_slot),
     composed(composed),
+    split_simple(split_simple),
     caches(std::move(caches)),
     src_of(n_slot),
     used(n_slot, 0),
@@ -175,12 +176,15 @@ int32_t llama_kvsmooth::group_index(const std::vector<group> & groups, const lla
 
 std::vector<llama_kvsmooth::group> llama_kvsmooth::groups_of(const llama_ubatch & ubatch) const {
     // the sequences with generation-step tokens, lowest first
+    // a token of several sequences is a column of each (SPEC §2: it pushes into each of their queues)
     std::vector<int64_t> n_per_seq(n_slot, 0);
     for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
         if (ubatch.output[i]) {
-            const llama_seq_id seq = ubatch.seq_id[i][0];
-            GGML_ASSERT(seq >= 0 && (uint32_t) seq < n_slot);
-            n_per_seq[seq]++;
+            for (int32_t k = 0; k < ubatch.n_seq_id[i]; ++k) {
+                const llama_seq_id seq = ubatch.seq_id[i][k];
+                GGML_ASSERT(seq >= 0 && (uint32_t) seq < n_slot);
+                n_per_seq[seq]++;
+            }
         }
     }
 
@@ -445,7 +449,12 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
     // state: one tensor per smoothed layer, in a buffer of the layer's K cache buffer type
     //
 
-    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, caches, n_slot, composed));
+    // llama_kv_cache and llama_kv_cache_iswa use split_simple with one stream; per-sequence streams and the
+    // hybrid memories split by sequence (split_equal, split_seq)
+    const bool hybrid = dynamic_cast<llama_memory_hybrid *>(lctx.get_memory()) || dynamic_cast<llama_memory_hybrid_iswa *>(lctx.get_memory());
+    const bool split_simple = !hybrid && caches[0]->get_n_stream() == 1;
+
+    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, caches, n_slot, composed, split_simple));
 
     res->states.assign(n_layer, nullptr);
 
@@ -541,23 +550,84 @@ void llama_kvsmooth::reset(llama_seq_id seq_id) {
     }
 }
 
-std::string llama_kvsmooth::check_batch(const llama_batch & batch) const {
-    if (!composed || paused) {
-        return "";
-    }
-    std::vector<int32_t> n_out(n_slot, 0);
+// the batch indices of each smoothed sequence's output tokens, in batch order
+static std::vector<std::vector<int32_t>> llama_kvsmooth_outputs_of(const llama_batch & batch, const std::vector<llama_kvsmooth_seq_params> & seq_params) {
+    std::vector<std::vector<int32_t>> outs(seq_params.size());
     for (int32_t i = 0; i < batch.n_tokens; ++i) {
         if (!batch.logits[i]) {
             continue;
         }
-        const llama_seq_id seq = batch.seq_id[i][0];
-        if (seq >= 0 && (uint32_t) seq < n_slot && seq_params[seq].enabled && ++n_out[seq] > kvsmooth_composed::MAX_ROUNDS) {
-            return format("KVSmooth impl composed smooths at most %d output tokens of one sequence per decode, "
-                    "seq_id %d has more: decode them in smaller batches, or use impl fused where the device has the op",
-                    kvsmooth_composed::MAX_ROUNDS, seq);
+        for (int32_t k = 0; k < batch.n_seq_id[i]; ++k) {
+            const llama_seq_id seq = batch.seq_id[i][k];
+            if (seq >= 0 && (size_t) seq < seq_params.size() && seq_params[seq].enabled) {
+                outs[seq].push_back(i);
+            }
         }
     }
+    return outs;
+}
+
+std::string llama_kvsmooth::check_batch(const llama_batch & batch) const {
+    if (paused) {
+        return "";
+    }
+
+    if (!split_simple) {
+        const std::vector<std::vector<int32_t>> outs = llama_kvsmooth_outputs_of(batch, seq_params);
+        for (size_t seq = 0; seq < outs.size(); ++seq) {
+            if (outs[seq].size() > 1) {
+                return format("KVSmooth smooths several output tokens of one sequence one at a time, which this context's "
+                        "memory cannot split a batch into (per-sequence KV streams, or a hybrid model): seq_id %zu has %zu "
+                        "output tokens in this decode; request output for at most one token per sequence per llama_decode%s",
+                        seq, outs[seq].size(), caches.size() == 1 && caches[0]->get_n_stream() > 1 ? ", or use a unified KV cache (kv_unified)" : "");
+            }
+        }
+    }
+
+    if (composed) {
+        // the sequences of one token are columns of one composed node only if they share a setting
+        for (int32_t i = 0; i < batch.n_tokens; ++i) {
+            const llama_kvsmooth_seq_params * first = nullptr;
+            for (int32_t k = 0; batch.logits[i] && k < batch.n_seq_id[i]; ++k) {
+                const llama_seq_id seq = batch.seq_id[i][k];
+                if (seq < 0 || (uint32_t) seq >= n_slot || !seq_params[seq].enabled) {
+                    continue;
+                }
+                if (first && !llama_kvsmooth_same_setting(*first, seq_params[seq])) {
+                    return format("KVSmooth impl composed cannot smooth token %d: its sequences have different KVSmooth "
+                            "settings (llama_kvsmooth_set_seq); give them one setting, or use impl fused where the device has the op", i);
+                }
+                first = first ? first : &seq_params[seq];
+            }
+        }
+    }
+
     return "";
+}
+
+uint32_t llama_kvsmooth::n_ubatch_for(const llama_batch & batch, uint32_t n_ubatch) const {
+    if (paused || !split_simple) {
+        return n_ubatch;
+    }
+
+    const std::vector<std::vector<int32_t>> outs = llama_kvsmooth_outputs_of(batch, seq_params);
+    if (std::all_of(outs.begin(), outs.end(), [](const std::vector<int32_t> & o) { return o.size() < 2; })) {
+        return n_ubatch;
+    }
+
+    // split_simple cuts [0, k), [k, 2k), ...: the largest k that keeps two output tokens of one sequence apart
+    for (uint32_t k = n_ubatch; k > 1; --k) {
+        bool apart = true;
+        for (const std::vector<int32_t> & o : outs) {
+            for (size_t t = 1; t < o.size() && apart; ++t) {
+                apart = o[t - 1]/(int32_t) k != o[t]/(int32_t) k;
+            }
+        }
+        if (apart) {
+            return k;
+        }
+    }
+    return 1;
 }
 
 size_t llama_kvsmooth::graph_nodes(uint32_t n_tokens) const {
@@ -706,13 +776,31 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
 
     const uint32_t n_tokens = ubatch->n_tokens;
 
-    // the generation-step tokens of each group, in the order the op updates a slot: by sequence, then position
-    std::vector<std::vector<uint32_t>> outputs(groups.size());
+    // the columns of each group: one per (generation-step token, smoothed sequence of it), in the order the
+    // op updates a slot: by sequence, then position. A token of several sequences pushes into each queue;
+    // its one cell is blended once, by the column of its lowest smoothed sequence
+    struct column {
+        uint32_t     i;
+        llama_seq_id seq;
+        bool         blend;
+    };
+    std::vector<std::vector<column>> outputs(groups.size());
     for (uint32_t i = 0; i < n_tokens; ++i) {
-        if (ubatch->output[i]) {
-            const int32_t g = llama_kvsmooth::group_index(groups, ks->seq_setting(ubatch->seq_id[i][0]));
+        if (!ubatch->output[i]) {
+            continue;
+        }
+        llama_seq_id blend_seq = -1;
+        for (int32_t k = 0; k < ubatch->n_seq_id[i]; ++k) {
+            const llama_seq_id seq = ubatch->seq_id[i][k];
+            if (ks->seq_setting(seq).enabled && (blend_seq < 0 || seq < blend_seq)) {
+                blend_seq = seq;
+            }
+        }
+        for (int32_t k = 0; k < ubatch->n_seq_id[i]; ++k) {
+            const llama_seq_id seq = ubatch->seq_id[i][k];
+            const int32_t g = llama_kvsmooth::group_index(groups, ks->seq_setting(seq));
             if (g >= 0) {
-                outputs[g].push_back(i);
+                outputs[g].push_back({ i, seq, seq == blend_seq });
             }
         }
     }
@@ -721,10 +809,8 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
         // can_reuse compared the groups with this ubatch's
         GGML_ASSERT((int64_t) outputs[g].size() == groups[g].n_tokens);
 
-        std::stable_sort(outputs[g].begin(), outputs[g].end(), [ubatch](uint32_t a, uint32_t b) {
-            const llama_seq_id sa = ubatch->seq_id[a][0];
-            const llama_seq_id sb = ubatch->seq_id[b][0];
-            return sa != sb ? sa < sb : ubatch->pos[a] < ubatch->pos[b];
+        std::stable_sort(outputs[g].begin(), outputs[g].end(), [ubatch](const column & a, const column & b) {
+            return a.seq != b.seq ? a.seq < b.seq : ubatch->pos[a.i] < ubatch->pos[b.i];
         });
     }
 
@@ -738,7 +824,7 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
             continue;
         }
 
-        const std::vector<uint32_t> & outs = outputs[part.group];
+        const std::vector<column> & outs = outputs[part.group];
 
         GGML_ASSERT((int64_t) outs.size() == part.ids->ne[1]);
 
@@ -756,9 +842,9 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
         std::vector<int32_t> data(5*outs.size());
 
         for (size_t j = 0; j < outs.size(); ++j) {
-            const uint32_t i = outs[j];
+            const uint32_t i = outs[j].i;
 
-            const llama_seq_id seq = ubatch->seq_id[i][0];
+            const llama_seq_id seq = outs[j].seq;
             const llama_pos    pos = ubatch->pos[i];
 
             const uint32_t strm = i / n_tps;
@@ -766,7 +852,7 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
 
             int32_t prev = -1;
 
-            if (!ks->paused) {
+            if (!ks->paused && outs[j].blend) {
                 // apply_ubatch() has stored this ubatch already, so an earlier token of the same ubatch counts
                 const auto & seq_pos = kv->get_cells(seq).seq_pos_get(seq);
 
@@ -801,11 +887,11 @@ void llm_graph_input_kvsmooth::set_input(const llama_ubatch * ubatch) {
     }
 
     for (size_t g = 0; g < groups.size(); ++g) {
-        for (uint32_t i : outputs[g]) {
-            ks->mark_used(ubatch->seq_id[i][0]);
+        for (const column & col : outputs[g]) {
+            ks->mark_used(col.seq);
 
-            col_seq[g].push_back(ubatch->seq_id[i][0]);
-            col_pos[g].push_back(ubatch->pos[i]);
+            col_seq[g].push_back(col.seq);
+            col_pos[g].push_back(ubatch->pos[col.i]);
         }
     }
 }
@@ -960,10 +1046,10 @@ bool llm_graph_context::kvsmooth_wants_entropy(int il) const {
         return false;
     }
 
-    // the layer's cache, and so its attention, is on the CPU: the one backend whose flash-attention
-    // kernel has the side output (the others refuse it in supports_op and keep the op's recompute)
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(state->buffer));
-    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    // the layer's cache, and so its attention, is in memory the CPU backend reads: the one backend whose
+    // flash-attention kernel has the side output (the others refuse it in supports_op, and a cache on a
+    // device keeps the op's recompute there). The state lives in the buffer type of the layer's K cache.
+    return backend_cpu != nullptr && ggml_backend_supports_buft(backend_cpu, ggml_backend_buffer_get_type(state->buffer));
 }
 
 void llm_graph_context::build_kvsmooth(

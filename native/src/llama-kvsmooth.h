@@ -81,9 +81,13 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     // the slot of seq_id received a smoothed token: its queues may now hold values
     void mark_used(llama_seq_id seq_id);
 
-    // "" if the composed path can smooth this batch, else why not (at most
-    // kvsmooth_composed::MAX_ROUNDS output tokens of one sequence per decode); after decode_begin
+    // "" if this batch can be smoothed, else why not; after decode_begin
     std::string check_batch(const llama_batch & batch) const;
+
+    // the ubatch size to split this batch with: several output tokens of one sequence are smoothed one
+    // at a time (SPEC §2), each attending to the earlier ones' smoothed cells, so no ubatch may hold two
+    // of them; n_ubatch when none does
+    uint32_t n_ubatch_for(const llama_batch & batch, uint32_t n_ubatch) const;
 
     // graph nodes the composed path adds to a graph of n_tokens tokens, at most (0 when fused)
     size_t graph_nodes(uint32_t n_tokens) const;
@@ -109,6 +113,7 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     const uint64_t              id;      // unique per configuration, part of the graph reuse key
     const uint32_t              n_slot;  // sequence slots (n_seq_max); state column n_slot is the scratch slot
     const bool                  composed; // the computation is built from stock ops (params.impl resolved)
+    const bool                  split_simple; // the memory cuts a batch into consecutive ubatches (one KV stream, no recurrent part)
 
     // the caches whose cells are smoothed
     const std::vector<llama_kv_cache *> caches;
@@ -122,7 +127,7 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     std::vector<llama_kvsmooth_trace_record> trace;
 
 private:
-    llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed);
+    llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed, bool split_simple);
 
     std::vector<ggml_tensor *> states; // [n_layer], nullptr for layers that are not smoothed
 

@@ -19,18 +19,19 @@
 // launches (three with flash attention) are the clear and safe choice.
 
 #include "kvsmooth.cuh"
+#include "convert.cuh"   // ggml_cuda_cast
+#include "cpy-utils.cuh" // quantize_f32_q8_0_block, as set_rows stores q8_0 rows
 
 #define KVSMOOTH_SCORES_WARPS   4   // warps per scores block
 #define KVSMOOTH_SCORES_ROWS    4   // cells per warp step: K rows loaded together
 #define KVSMOOTH_SCORES_CELLS  64   // cells per scores block
 #define KVSMOOTH_ENTROPY_THREADS 256
 #define KVSMOOTH_UPDATE_THREADS  512
-#define KVSMOOTH_BLEND_BATCH      4 // elements (pairs, q8_0 blocks) loaded together per thread
+#define KVSMOOTH_BLEND_BATCH      4 // elements (pairs) loaded together per thread
 
 static_assert(KVSMOOTH_SCORES_CELLS % (KVSMOOTH_SCORES_WARPS*KVSMOOTH_SCORES_ROWS) == 0, "cells must fill the warp steps");
 // one FIFO value per thread in the queue update
-static_assert(KVSMOOTH_UPDATE_THREADS >= GGML_KVSMOOTH_MAX_QUEUE, "the update block must hold a full queue");
-static_assert(QK8_0 == WARP_SIZE, "q8_0 blend: one lane per value of a block");
+static_assert(KVSMOOTH_UPDATE_THREADS >= GGML_CUDA_KVSMOOTH_MAX_QUEUE, "the update block must hold a full queue");
 
 struct kvsmooth_args {
     // src[0]: kq [n_kv, n_tps, n_head, n_stream] (probabilities) or q [d_k, n_head, n_tps*n_stream]
@@ -69,44 +70,24 @@ struct kvsmooth_args {
 };
 
 //
-// element access: f32, f16, bf16 (rounded as ggml rounds), q8_0 blocks
+// element access: f32, f16, bf16 through ggml_cuda_cast (ggml-cuda's conversions), q8_0 blocks
 //
 
-static __device__ __forceinline__ float kvsmooth_bf16_to_f32(const uint16_t x) {
-    return __uint_as_float((uint32_t) x << 16);
-}
-
-// ggml_compute_fp32_to_bf16: round to nearest even, NaN kept quiet
-static __device__ __forceinline__ uint16_t kvsmooth_f32_to_bf16(const float x) {
-    const uint32_t u = __float_as_uint(x);
-    if ((u & 0x7fffffff) > 0x7f800000) {
-        return (uint16_t) ((u >> 16) | 64);
-    }
-    return (uint16_t) ((u + (0x7fff + ((u >> 16) & 1))) >> 16);
-}
+// the CUDA type of a cache element type
+template <ggml_type type> struct kvsmooth_elem;
+template <> struct kvsmooth_elem<GGML_TYPE_F32>  { using t = float;         using t2 = float2; };
+template <> struct kvsmooth_elem<GGML_TYPE_F16>  { using t = half;          using t2 = half2; };
+template <> struct kvsmooth_elem<GGML_TYPE_BF16> { using t = nv_bfloat16;   using t2 = nv_bfloat162; };
 
 template <ggml_type type>
 static __device__ __forceinline__ float kvsmooth_get(const char * p) {
-    if constexpr (type == GGML_TYPE_F32) {
-        return *(const float *) p;
-    } else if constexpr (type == GGML_TYPE_F16) {
-        return __half2float(*(const half *) p);
-    } else {
-        static_assert(type == GGML_TYPE_BF16, "unsupported element type");
-        return kvsmooth_bf16_to_f32(*(const uint16_t *) p);
-    }
+    return ggml_cuda_cast<float>(*(const typename kvsmooth_elem<type>::t *) p);
 }
 
 template <ggml_type type>
 static __device__ __forceinline__ void kvsmooth_set(char * p, const float x) {
-    if constexpr (type == GGML_TYPE_F32) {
-        *(float *) p = x;
-    } else if constexpr (type == GGML_TYPE_F16) {
-        *(half *) p = __float2half(x);
-    } else {
-        static_assert(type == GGML_TYPE_BF16, "unsupported element type");
-        *(uint16_t *) p = kvsmooth_f32_to_bf16(x);
-    }
+    using T = typename kvsmooth_elem<type>::t;
+    *(T *) p = ggml_cuda_cast<T>(x);
 }
 
 // elements 2i and 2i+1 of a row (the row length is even, see supports_op)
@@ -117,8 +98,7 @@ static __device__ __forceinline__ float2 kvsmooth_get2(const char * row, const i
     } else if constexpr (type == GGML_TYPE_F16) {
         return __half22float2(((const half2 *) row)[i]);
     } else if constexpr (type == GGML_TYPE_BF16) {
-        const uint32_t u = ((const uint32_t *) row)[i];
-        return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+        return ggml_cuda_cast<float2>(((const nv_bfloat162 *) row)[i]);
     } else {
         static_assert(type == GGML_TYPE_Q8_0, "unsupported K type");
         const block_q8_0 * b  = (const block_q8_0 *) row + (2*i)/QK8_0;
@@ -132,11 +112,9 @@ template <ggml_type type>
 static __device__ __forceinline__ void kvsmooth_set2(char * row, const int64_t i, const float2 x) {
     if constexpr (type == GGML_TYPE_F32) {
         ((float2 *) row)[i] = x;
-    } else if constexpr (type == GGML_TYPE_F16) {
-        ((half2 *) row)[i] = __floats2half2_rn(x.x, x.y);
     } else {
-        static_assert(type == GGML_TYPE_BF16, "unsupported element type");
-        ((uint32_t *) row)[i] = (uint32_t) kvsmooth_f32_to_bf16(x.x) | ((uint32_t) kvsmooth_f32_to_bf16(x.y) << 16);
+        using T2 = typename kvsmooth_elem<type>::t2;
+        ((T2 *) row)[i] = ggml_cuda_cast<T2>(x);
     }
 }
 
@@ -337,46 +315,27 @@ static __device__ void kvsmooth_blend_rows(char * dst, const char * src, const i
     }
 }
 
-// the same for q8_0 rows: one warp per block of 32, dequantized, blended, requantized as
-// quantize_row_q8_0_ref (and ggml-cuda's set_rows) do: d = amax/127, q = round(x·(1/d))
+// the same for q8_0 rows: one thread per block of 32, dequantized, blended, and requantized by
+// quantize_f32_q8_0_block, the function ggml-cuda's set_rows stores q8_0 cache rows with
 static __device__ void kvsmooth_blend_rows_q8_0(char * dst, const char * src, const int64_t nb_head,
         const int n_head_kv, const int n, const float lambda) {
     const int nb    = n/QK8_0;
     const int total = n_head_kv*nb;
 
-    const int warp    = threadIdx.x / WARP_SIZE;
-    const int lane    = threadIdx.x % WARP_SIZE;
-    const int n_warps = blockDim.x / WARP_SIZE;
+    for (int ib = threadIdx.x; ib < total; ib += blockDim.x) {
+        const int g = ib/nb;
+        block_q8_0       * bd = (block_q8_0 *)       (dst + g*nb_head) + (ib - g*nb);
+        const block_q8_0 * bs = (const block_q8_0 *) (src + g*nb_head) + (ib - g*nb);
 
-    for (int b0 = warp; b0 < total; b0 += KVSMOOTH_BLEND_BATCH*n_warps) {
-        float x[KVSMOOTH_BLEND_BATCH];
+        const float dd = __half2float(bd->d);
+        const float ds = __half2float(bs->d);
+
+        float x[QK8_0];
 #pragma unroll
-        for (int b = 0; b < KVSMOOTH_BLEND_BATCH; ++b) {
-            const int ib = b0 + b*n_warps;
-            if (ib < total) {
-                const int g = ib/nb;
-                const block_q8_0 * bd = (const block_q8_0 *) (dst + g*nb_head) + (ib - g*nb);
-                const block_q8_0 * bs = (const block_q8_0 *) (src + g*nb_head) + (ib - g*nb);
-                x[b] = kvsmooth_mix(bd->qs[lane]*__half2float(bd->d), bs->qs[lane]*__half2float(bs->d), lambda);
-            }
+        for (int e = 0; e < QK8_0; ++e) {
+            x[e] = kvsmooth_mix(bd->qs[e]*dd, bs->qs[e]*ds, lambda);
         }
-#pragma unroll
-        for (int b = 0; b < KVSMOOTH_BLEND_BATCH; ++b) {
-            const int ib = b0 + b*n_warps;
-            if (ib < total) { // uniform over the warp
-                const int g = ib/nb;
-                block_q8_0 * bd = (block_q8_0 *) (dst + g*nb_head) + (ib - g*nb);
-
-                const float amax = warp_reduce_max(fabsf(x[b]));
-                const float d    = __fdiv_rn(amax, 127.0f);
-                const float id   = d != 0.0f ? __frcp_rn(d) : 0.0f;
-
-                bd->qs[lane] = (int8_t) roundf(__fmul_rn(x[b], id));
-                if (lane == 0) {
-                    bd->d = __float2half(d);
-                }
-            }
-        }
+        quantize_f32_q8_0_block(x, bd);
     }
 }
 
@@ -539,7 +498,7 @@ void ggml_cuda_op_kvsmooth(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     GGML_ASSERT(src0->type == GGML_TYPE_F32 && src0->nb[0] == sizeof(float));
     GGML_ASSERT(ids->type == GGML_TYPE_I32 && ggml_is_contiguous(ids));
     GGML_ASSERT(state->type == GGML_TYPE_F32 && ggml_is_contiguous(state));
-    GGML_ASSERT(queue >= 1 && queue <= GGML_KVSMOOTH_MAX_QUEUE && queue <= state->ne[0] - 1);
+    GGML_ASSERT(queue >= 1 && queue <= GGML_CUDA_KVSMOOTH_MAX_QUEUE && queue <= state->ne[0] - 1);
     GGML_ASSERT(!v_trans || !ggml_is_quantized(v->type));
 
     const int64_t n_smooth = ids->ne[1];

@@ -217,7 +217,7 @@ static inline void kvsmooth_blend_trans(constant ggml_metal_kargs_kvsmooth & arg
     }
 }
 
-// one threadgroup of OP_KVSMOOTH_NTH (>= GGML_KVSMOOTH_MAX_QUEUE) threads, columns in order
+// one threadgroup of OP_KVSMOOTH_NTH (>= the queue, see supports_op) threads, columns in order
 template <typename TK, typename TV>
 kernel void kernel_kvsmooth_update(
         constant ggml_metal_kargs_kvsmooth & args,
