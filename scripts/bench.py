@@ -598,8 +598,8 @@ def current_rss() -> int:
 
 def logged_state_kib(lines: list[str]) -> float | None:
     for s in "".join(lines).splitlines():
-        if "lambda_ref =" in s and "state =" in s:
-            return float(s.split("state =")[1].split("KiB")[0])
+        if "lambda_ref =" in s and "result rows =" in s:  # the queues and the op's result rows
+            return float(s.split("result rows =")[1].split("KiB")[0])
     return None
 
 

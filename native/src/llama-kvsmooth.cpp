@@ -132,7 +132,8 @@ static std::vector<const llama_kv_cache_context *> llama_kvsmooth_contexts_of(co
 // llama_kvsmooth
 //
 
-llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed, bool split_simple) :
+llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed, bool split_simple,
+        uint32_t max_columns) :
     params(params),
     id([] {
         // never 0, which stands for "disabled" in llm_graph_params
@@ -142,6 +143,7 @@ llama_kvsmooth::llama_kvsmooth(const llama_kvsmooth_params & params, std::vector
     n_slot(n_slot),
     composed(composed),
     split_simple(split_simple),
+    max_columns(max_columns),
     caches(std::move(caches)),
     src_of(n_slot),
     used(n_slot, 0),
@@ -381,11 +383,12 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         ca.queue = p.queue;
         ca.mode = mode;
         ca.v_trans = v_trans;
+        ggml_tensor * result = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, 4, 1);
         if (cparams.flash_attn) {
             ggml_tensor * q    = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, d_k, n_head, 1);
             ggml_tensor * mask = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F16, n_kv, 1, 1, 1);
 
-            op = ggml_kvsmooth_ext(ctx.get(), q, k, v, mask, ids, state, after, 1.0f, hparams.f_max_alibi_bias,
+            op = ggml_kvsmooth_ext(ctx.get(), result, q, k, v, mask, ids, state, after, 1.0f, hparams.f_max_alibi_bias,
                     hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
                     p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
             ca.q = q;
@@ -393,7 +396,7 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         } else {
             ggml_tensor * kq = ggml_new_tensor_4d(ctx.get(), GGML_TYPE_F32, n_kv, 1, n_head, 1);
 
-            op = ggml_kvsmooth(ctx.get(), kq, k, v, ids, state, after, p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
+            op = ggml_kvsmooth(ctx.get(), result, kq, k, v, ids, state, after, p.lambda_ref, p.window, p.queue, p.eps, mode, v_trans);
             ca.kq = kq;
         }
 
@@ -454,9 +457,10 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
     const bool hybrid = dynamic_cast<llama_memory_hybrid *>(lctx.get_memory()) || dynamic_cast<llama_memory_hybrid_iswa *>(lctx.get_memory());
     const bool split_simple = !hybrid && caches[0]->get_n_stream() == 1;
 
-    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, caches, n_slot, composed, split_simple));
+    std::unique_ptr<llama_kvsmooth> res(new llama_kvsmooth(p, caches, n_slot, composed, split_simple, cparams.n_ubatch + n_slot));
 
     res->states.assign(n_layer, nullptr);
+    res->results.assign(n_layer, nullptr);
 
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
 
@@ -466,7 +470,7 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
             ggml_init_params ip = {
-                /*.mem_size   =*/ size_t(n_layer)*ggml_tensor_overhead(),
+                /*.mem_size   =*/ 2*size_t(n_layer)*ggml_tensor_overhead(),
                 /*.mem_buffer =*/ nullptr,
                 /*.no_alloc   =*/ true,
             };
@@ -476,7 +480,13 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
         ggml_tensor * state = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, 1 + p.queue, n_slot + 1);
         ggml_format_name(state, "kvsmooth_state_l%d", il);
 
-        res->states[il] = state;
+        // the op's result rows of a ubatch live here, beside the state: the op returns a view of them, so
+        // the scheduler runs it where its state lives and no graph buffer holds them
+        ggml_tensor * result = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, 4, res->max_columns);
+        ggml_format_name(result, "kvsmooth_result_l%d", il);
+
+        res->states[il]  = state;
+        res->results[il] = result;
     }
 
     size_t total = 0;
@@ -501,7 +511,7 @@ std::unique_ptr<llama_kvsmooth> llama_kvsmooth::create(
     }
 
     LLAMA_LOG_INFO("%s: impl = %s, mode = %s, lambda_ref = %.3f, window = %.3f, queue = %d, layers = [%d, %d) (smoothed: %s), eps = %g, trace = %d, "
-            "%u sequences, %zu KV cache(s), state = %.1f KiB\n", __func__, composed ? "composed" : "fused",
+            "%u sequences, %zu KV cache(s), state and result rows = %.1f KiB\n", __func__, composed ? "composed" : "fused",
             llama_kvsmooth_mode_name(p.mode), p.lambda_ref, p.window, p.queue, p.layer_start, p.layer_end, layers.c_str(), p.eps, (int) p.trace,
             n_slot, caches.size(), total/1024.0);
 
@@ -570,6 +580,16 @@ static std::vector<std::vector<int32_t>> llama_kvsmooth_outputs_of(const llama_b
 std::string llama_kvsmooth::check_batch(const llama_batch & batch) const {
     if (paused) {
         return "";
+    }
+
+    // every (output token, smoothed sequence) of a ubatch is a column of a layer's result rows
+    size_t n_columns = 0;
+    for (const std::vector<int32_t> & o : llama_kvsmooth_outputs_of(batch, seq_params)) {
+        n_columns += o.size();
+    }
+    if (n_columns > max_columns) {
+        return format("KVSmooth: %zu (output token, sequence) pairs in one decode, more than the %u this context holds "
+                "(n_ubatch + n_seq_max): decode in smaller batches", n_columns, max_columns);
     }
 
     if (!split_simple) {
@@ -651,6 +671,10 @@ ggml_tensor * llama_kvsmooth::get_state(int32_t il) const {
     }
 
     return states[il];
+}
+
+ggml_tensor * llama_kvsmooth::get_result(int32_t il) const {
+    return get_state(il) ? results[il] : nullptr;
 }
 
 void llama_kvsmooth::apply_pending(ggml_backend_sched_t sched) {
@@ -1078,6 +1102,10 @@ void llm_graph_context::build_kvsmooth(
 
     const bool v_trans = v->nb[1] > v->nb[2];
 
+    // the groups' result rows, one after the other in the layer's result tensor
+    ggml_tensor * result  = kvsmooth->get_result(il);
+    int64_t       row_off = 0;
+
     for (size_t g = 0; g < inp_kvsmooth->groups.size(); ++g) {
         const llama_kvsmooth_seq_params & setting = inp_kvsmooth->groups[g].setting;
 
@@ -1123,46 +1151,35 @@ void llm_graph_context::build_kvsmooth(
             cur = graph->build(ctx0, gf, a, kvsmooth_composed::rounds_of(col_seq));
 
             inp_kvsmooth->composed.push_back({ inp_kvsmooth->part_of(ids), std::move(graph) });
-        } else if (kq) {
-            cur = ggml_kvsmooth(ctx0, kq, k, v, ids, state, kqv_out,
-                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
-        } else if (ent) {
-            // flash attention gave the row entropies: nothing to recompute
-            cur = ggml_kvsmooth_from_entropies(ctx0, ent, k, v, ids, state, kqv_out,
-                    setting.lambda_ref, setting.window, p.queue, mode, v_trans);
         } else {
+            const int64_t n_cols = inp_kvsmooth->groups[g].n_tokens;
+            GGML_ASSERT(row_off + n_cols <= result->ne[1]); // check_batch refuses more columns
+            ggml_tensor * res_g = ggml_view_2d(ctx0, result, 4, n_cols, result->nb[1], row_off*result->nb[1]);
+            row_off += n_cols;
+
+          if (kq) {
+            cur = ggml_kvsmooth(ctx0, res_g, kq, k, v, ids, state, kqv_out,
+                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+          } else if (ent) {
+            // flash attention gave the row entropies: nothing to recompute
+            cur = ggml_kvsmooth_from_entropies(ctx0, res_g, ent, k, v, ids, state, kqv_out,
+                    setting.lambda_ref, setting.window, p.queue, mode, v_trans);
+          } else {
             // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
-            cur = ggml_kvsmooth_ext(ctx0, q, k, v, kq_mask, ids, state, kqv_out,
+            cur = ggml_kvsmooth_ext(ctx0, res_g, q, k, v, kq_mask, ids, state, kqv_out,
                     kq_scale, hparams.f_max_alibi_bias, hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
                     setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
             ggml_kvsmooth_add_sinks(cur, sinks);
+          }
         }
 
         cb(cur, "kvsmooth", il);
 
-        if (p.trace) {
+        // the op's result is a view of the layer's result rows, in the buffer of its state and K cache:
+        // the scheduler runs it on the backend of that buffer, which writes the cache rows and the state
+        // in place (the composed path's set_rows write into views of those buffers likewise)
+        if (p.trace && kvsmooth->composed) {
             ggml_set_output(cur);
-        }
-
-        // the op writes the cache rows and the state in place, so it must run on a backend that uses
-        // their buffer directly: a copy on another backend would be updated and thrown away (the
-        // composed path's set_rows write into views of those buffers, which the scheduler keeps there)
-        if (!kvsmooth->composed) {
-            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(state->buffer);
-
-            ggml_backend_t backend = nullptr;
-            for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
-                ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
-                if (ggml_backend_supports_buft(b, buft) && ggml_backend_supports_op(b, cur)) {
-                    backend = b;
-                    break;
-                }
-            }
-
-            // llama_kvsmooth::create() checked the device
-            GGML_ASSERT(backend != nullptr);
-
-            ggml_backend_sched_set_tensor_backend(sched, cur, backend);
         }
 
         ggml_build_forward_expand(gf, cur);

@@ -69,6 +69,9 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     // the state tensor of layer il, nullptr if il is not smoothed
     ggml_tensor * get_state(int32_t il) const;
 
+    // f32 [4, max_columns] beside it: the op's result rows (z, lambda, rank, applied) of the last ubatch
+    ggml_tensor * get_result(int32_t il) const;
+
     // llama_context::decode: a new trace per decode, filled after each ubatch; paused: no token of this
     // decode is smoothed
     void decode_begin(bool paused);
@@ -114,6 +117,7 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     const uint32_t              n_slot;  // sequence slots (n_seq_max); state column n_slot is the scratch slot
     const bool                  composed; // the computation is built from stock ops (params.impl resolved)
     const bool                  split_simple; // the memory cuts a batch into consecutive ubatches (one KV stream, no recurrent part)
+    const uint32_t              max_columns;  // (output token, sequence) pairs a decode may smooth: n_ubatch + n_slot
 
     // the caches whose cells are smoothed
     const std::vector<llama_kv_cache *> caches;
@@ -127,9 +131,11 @@ struct llama_kvsmooth : public llama_kv_cache::seq_observer {
     std::vector<llama_kvsmooth_trace_record> trace;
 
 private:
-    llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed, bool split_simple);
+    llama_kvsmooth(const llama_kvsmooth_params & params, std::vector<llama_kv_cache *> caches, uint32_t n_slot, bool composed, bool split_simple,
+            uint32_t max_columns);
 
-    std::vector<ggml_tensor *> states; // [n_layer], nullptr for layers that are not smoothed
+    std::vector<ggml_tensor *> states;  // [n_layer], nullptr for layers that are not smoothed
+    std::vector<ggml_tensor *> results; // [n_layer], likewise
 
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 
@@ -155,8 +161,10 @@ private:
 // The previous cell holds the sequence's greatest position below the token's in that cache (pos - 1 for
 // ordinary positions; M-RoPE caches store the sequential position, dimension 0), read from the cache's
 // cell metadata on the host: set_input costs no device synchronisation. A token that belongs to several
-// sequences is smoothed for its first one. In a paused decode every column goes to the scratch slot with
-// no previous cell: nothing is blended.
+// sequences is a column of each (its entropy enters each queue); only the column of its lowest smoothed
+// sequence has the previous cell, so its one cell is blended once. Several output tokens of one sequence
+// never share a ubatch (llama_kvsmooth::n_ubatch_for). In a paused decode every column goes to the
+// scratch slot with no previous cell: nothing is blended.
 //
 // One ids tensor per (KV cache, group): iSWA memory has two caches with their own cells; the columns of
 // a group are the same tokens in the same order in each, so every layer's result column j of a group is

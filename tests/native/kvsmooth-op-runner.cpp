@@ -210,6 +210,8 @@ static int run(impl how, const char * backend_name, const struct kvsmooth_op_cas
     ggml_tensor * t_ids   = ggml_new_tensor_2d(ctx_data.get(), GGML_TYPE_I32, 5, n_smooth);
     ggml_tensor * t_state = ggml_new_tensor_2d(ctx_data.get(), GGML_TYPE_F32, 1 + c->queue_cap, c->n_slot);
     ggml_tensor * t_dummy = ggml_new_tensor_1d(ctx_data.get(), GGML_TYPE_F32, 1);
+    // the result rows, one spare: the op writes into them and returns a view of its n_smooth rows
+    ggml_tensor * t_res   = ggml_new_tensor_2d(ctx_data.get(), GGML_TYPE_F32, 4, n_smooth + 1);
 
     buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx_data.get(), backend.get()));
     if (!buf) {
@@ -292,14 +294,14 @@ static int run(impl how, const char * backend_name, const struct kvsmooth_op_cas
         if (!ggml_backend_supports_op(backend.get(), fa)) {
             return KVSMOOTH_OP_NOT_SUPPORTED;
         }
-        out = ggml_kvsmooth_from_entropies(ctx, ggml_flash_attn_ext_entropy_rows(ctx, fa), k_view, v_view, t_ids, t_state,
+        out = ggml_kvsmooth_from_entropies(ctx, t_res, ggml_flash_attn_ext_entropy_rows(ctx, fa), k_view, v_view, t_ids, t_state,
                 ggml_flash_attn_ext_entropy_output(ctx, fa), c->lambda_ref, c->window, c->queue, mode, false);
     } else {
         out = c->from_scores
-            ? ggml_kvsmooth_ext(ctx, t_in, k_view, v_view, t_mask, t_ids, t_state, after,
+            ? ggml_kvsmooth_ext(ctx, t_res, t_in, k_view, v_view, t_mask, t_ids, t_state, after,
                     c->scale, c->max_bias, c->logit_softcap,
                     c->lambda_ref, c->window, c->queue, c->eps, mode, c->v_trans != 0)
-            : ggml_kvsmooth(ctx, t_in, k_view, v_view, t_ids, t_state, after,
+            : ggml_kvsmooth(ctx, t_res, t_in, k_view, v_view, t_ids, t_state, after,
                     c->lambda_ref, c->window, c->queue, c->eps, mode, c->v_trans != 0);
         ggml_kvsmooth_add_sinks(out, t_sinks);
     }
