@@ -181,7 +181,7 @@ def test_backend_ops_is_on_path() -> None:
     path = shutil.which("test-backend-ops")
     assert path, "test-backend-ops is not on PATH; run `make install`"
     result = subprocess.run([path, "perf", "-o", "KVSMOOTH", "-b", "CPU"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "KVSMOOTH(from_scores=1" in result.stdout, result.stdout[-2000:]
+    assert result.returncode == 0 and "KVSMOOTH(source=2" in result.stdout, result.stdout[-2000:]
 
 
 def test_archive_with_wrong_checksum_is_refused(tmp_path: Path) -> None:
