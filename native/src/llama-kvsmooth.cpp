@@ -190,8 +190,9 @@ std::vector<llama_kvsmooth::group> llama_kvsmooth::groups_of(const llama_ubatch 
         }
     }
 
-    // the composed path gets at most MAX_ROUNDS tokens of a sequence (check_batch refuses more); a
-    // worst-case reserve graph asking for more is built that size, so that its buffers are
+    // a decode gives the composed path at most one output token of a sequence per ubatch (n_ubatch_for,
+    // check_batch), at most MAX_ROUNDS in one call of its builder; a worst-case reserve graph asking for
+    // more is built that size, so that its buffers are
     if (composed) {
         for (int64_t & n : n_per_seq) {
             n = std::min<int64_t>(n, kvsmooth_composed::MAX_ROUNDS);
@@ -582,9 +583,11 @@ std::string llama_kvsmooth::check_batch(const llama_batch & batch) const {
         return "";
     }
 
+    const std::vector<std::vector<int32_t>> outs = llama_kvsmooth_outputs_of(batch, seq_params);
+
     // every (output token, smoothed sequence) of a ubatch is a column of a layer's result rows
     size_t n_columns = 0;
-    for (const std::vector<int32_t> & o : llama_kvsmooth_outputs_of(batch, seq_params)) {
+    for (const std::vector<int32_t> & o : outs) {
         n_columns += o.size();
     }
     if (n_columns > max_columns) {
@@ -593,7 +596,6 @@ std::string llama_kvsmooth::check_batch(const llama_batch & batch) const {
     }
 
     if (!split_simple) {
-        const std::vector<std::vector<int32_t>> outs = llama_kvsmooth_outputs_of(batch, seq_params);
         for (size_t seq = 0; seq < outs.size(); ++seq) {
             if (outs[seq].size() > 1) {
                 return format("KVSmooth smooths several output tokens of one sequence one at a time, which this context's "
@@ -1152,25 +1154,26 @@ void llm_graph_context::build_kvsmooth(
 
             inp_kvsmooth->composed.push_back({ inp_kvsmooth->part_of(ids), std::move(graph) });
         } else {
+            // the group's result rows; check_batch refuses a decode with more columns than there are rows
             const int64_t n_cols = inp_kvsmooth->groups[g].n_tokens;
-            GGML_ASSERT(row_off + n_cols <= result->ne[1]); // check_batch refuses more columns
+            GGML_ASSERT(row_off + n_cols <= result->ne[1]);
             ggml_tensor * res_g = ggml_view_2d(ctx0, result, 4, n_cols, result->nb[1], row_off*result->nb[1]);
             row_off += n_cols;
 
-          if (kq) {
-            cur = ggml_kvsmooth(ctx0, res_g, kq, k, v, ids, state, kqv_out,
-                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
-          } else if (ent) {
-            // flash attention gave the row entropies: nothing to recompute
-            cur = ggml_kvsmooth_from_entropies(ctx0, res_g, ent, k, v, ids, state, kqv_out,
-                    setting.lambda_ref, setting.window, p.queue, mode, v_trans);
-          } else {
-            // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
-            cur = ggml_kvsmooth_ext(ctx0, res_g, q, k, v, kq_mask, ids, state, kqv_out,
-                    kq_scale, hparams.f_max_alibi_bias, hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
-                    setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
-            ggml_kvsmooth_add_sinks(cur, sinks);
-          }
+            if (kq) {
+                cur = ggml_kvsmooth(ctx0, res_g, kq, k, v, ids, state, kqv_out,
+                        setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+            } else if (ent) {
+                // flash attention gave the row entropies: nothing to recompute
+                cur = ggml_kvsmooth_from_entropies(ctx0, res_g, ent, k, v, ids, state, kqv_out,
+                        setting.lambda_ref, setting.window, p.queue, mode, v_trans);
+            } else {
+                // flash attention: the op recomputes the scores of the smoothed rows as ggml_flash_attn_ext does
+                cur = ggml_kvsmooth_ext(ctx0, res_g, q, k, v, kq_mask, ids, state, kqv_out,
+                        kq_scale, hparams.f_max_alibi_bias, hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
+                        setting.lambda_ref, setting.window, p.queue, p.eps, mode, v_trans);
+                ggml_kvsmooth_add_sinks(cur, sinks);
+            }
         }
 
         cb(cur, "kvsmooth", il);

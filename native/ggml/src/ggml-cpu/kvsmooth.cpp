@@ -24,12 +24,6 @@
 
 namespace {
 
-using kvsmooth_op_params = ggml_kvsmooth_op_params;
-
-kvsmooth_op_params kvsmooth_get_op_params(const ggml_tensor * dst) {
-    return ggml_kvsmooth_get_op_params(dst);
-}
-
 // floats of work buffer: the entropies, shared by all threads, rounded up to a cache line
 int64_t kvsmooth_shared_floats(const ggml_tensor * dst) {
     const int64_t n_smooth = dst->src[3]->ne[1];
@@ -39,7 +33,7 @@ int64_t kvsmooth_shared_floats(const ggml_tensor * dst) {
 // floats of work buffer per thread: the scores of the query heads of one KV head and one f32
 // K row (phase 1, scores path only), or two f32 head rows to blend (phase 3)
 int64_t kvsmooth_thread_floats(const ggml_tensor * dst) {
-    const kvsmooth_op_params p = kvsmooth_get_op_params(dst);
+    const ggml_kvsmooth_op_params p = ggml_kvsmooth_get_op_params(dst);
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
 
@@ -142,7 +136,7 @@ kvsmooth_id kvsmooth_get_id(const ggml_tensor * ids, int64_t j) {
 
 // phase 1, probabilities path: work item = (token j, query head h)
 void kvsmooth_entropies_kq(const ggml_compute_params * params, const ggml_tensor * dst, float * H) {
-    const kvsmooth_op_params p = kvsmooth_get_op_params(dst);
+    const ggml_kvsmooth_op_params p = ggml_kvsmooth_get_op_params(dst);
     const ggml_tensor * kq  = dst->src[0];
     const ggml_tensor * ids = dst->src[3];
 
@@ -188,7 +182,7 @@ void kvsmooth_entropies_rows(const ggml_compute_params * params, const ggml_tens
 // phase 1, scores path: work item = (token j, KV head g), so that every K row is read and
 // converted once for the n_rep query heads that share it
 void kvsmooth_entropies_q(const ggml_compute_params * params, const ggml_tensor * dst, float * H, float * scratch) {
-    const kvsmooth_op_params p = kvsmooth_get_op_params(dst);
+    const ggml_kvsmooth_op_params p = ggml_kvsmooth_get_op_params(dst);
     const ggml_tensor * q     = dst->src[0];
     const ggml_tensor * k     = dst->src[1];
     const ggml_tensor * ids   = dst->src[3];
@@ -308,7 +302,7 @@ void kvsmooth_entropies_q(const ggml_compute_params * params, const ggml_tensor 
 
 // phase 2, one thread: queues and lambdas in column order
 void kvsmooth_update_queues(const ggml_tensor * dst, const float * H) {
-    const kvsmooth_op_params p = kvsmooth_get_op_params(dst);
+    const ggml_kvsmooth_op_params p = ggml_kvsmooth_get_op_params(dst);
     const ggml_tensor * ids   = dst->src[3];
     const ggml_tensor * state = dst->src[4];
 
@@ -370,7 +364,7 @@ void kvsmooth_update_queues(const ggml_tensor * dst, const float * H) {
 
 // phase 3: blend of the KV heads [g0, g1), columns in order
 void kvsmooth_blend(const ggml_compute_params * params, const ggml_tensor * dst, float * tmp) {
-    const kvsmooth_op_params p = kvsmooth_get_op_params(dst);
+    const ggml_kvsmooth_op_params p = ggml_kvsmooth_get_op_params(dst);
     const ggml_tensor * k   = dst->src[1];
     const ggml_tensor * v   = dst->src[2];
     const ggml_tensor * ids = dst->src[3];
@@ -432,7 +426,7 @@ size_t ggml_kvsmooth_work_size(const struct ggml_tensor * dst, int n_tasks) {
 }
 
 void ggml_compute_forward_kvsmooth(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-    const kvsmooth_op_params p = kvsmooth_get_op_params(dst);
+    const ggml_kvsmooth_op_params p = ggml_kvsmooth_get_op_params(dst);
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * v = dst->src[2];
 
